@@ -1,0 +1,1 @@
+"""Tensor-parallel cluster runtime: shard plans, slices, the synchronizer and the wire protocol."""

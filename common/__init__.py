@@ -1,0 +1,1 @@
+"""What every part shares: the error hierarchy, byte formatting, logging set-up."""

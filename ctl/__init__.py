@@ -1,0 +1,1 @@
+"""dllama-ctl: the command line people use."""

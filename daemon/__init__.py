@@ -1,0 +1,1 @@
+"""The dllama-node service: capacity, election, negotiation, systemd integration."""

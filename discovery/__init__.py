@@ -1,0 +1,1 @@
+"""Peer discovery: mDNS (python-zeroconf) and a static peer list, with heartbeats."""

@@ -1,0 +1,1 @@
+"""The forward pass, KV cache, sampler and generation loop of one node."""

@@ -1,0 +1,1 @@
+"""Model files: GGUF and distributed-llama .m, read through a memmap as zero-copy views."""

@@ -1,0 +1,1 @@
+"""Tokenizers rebuilt from model metadata (SentencePiece, Llama 3 byte-level BPE) and chat templates."""
