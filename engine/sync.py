@@ -1,0 +1,33 @@
+"""The synchronizer seam between the forward pass and the other nodes.
+
+The forward pass calls all_reduce after each partial output projection and
+gather_logits at the end. A single node needs neither: LocalSynchronizer is the
+identity. The cluster runtime (cluster/) implements the same two methods over TCP, and
+an in-process fake lets N-node logic be tested in one process.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+try:  # typing.Protocol is 3.8+
+    from typing import Protocol
+except ImportError:  # pragma: no cover
+    Protocol = object
+
+
+class Synchronizer(Protocol):
+    def all_reduce(self, buf: np.ndarray, layer: int, phase: str) -> None:
+        """Sum buf (n, dim) float32 across all nodes, in place."""
+
+    def gather_logits(self, local: np.ndarray) -> np.ndarray:
+        """This node's logits rows -> the full vocabulary (at the root)."""
+
+
+class LocalSynchronizer:
+    """One node holds everything: nothing to exchange."""
+
+    def all_reduce(self, buf: np.ndarray, layer: int, phase: str) -> None:
+        return None
+
+    def gather_logits(self, local: np.ndarray) -> np.ndarray:
+        return local
