@@ -1,1 +1,16 @@
-"""Model files: GGUF and distributed-llama .m, read through a memmap as zero-copy views."""
+"""Model files: GGUF and distributed-llama .m, read through a memmap as zero-copy views.
+
+    from dllama_node.model import open_model
+    with open_model(path) as m:
+        m.config                      # ModelConfig
+        w, kernel_type = m.tensor("blk.0.attn_q.weight")
+
+gguf.py parses GGUF headers, dllama_m.py the .m format, loader.py validates a llama
+model and hands out views, convert.py converts types the kernels do not run,
+gguf_writer.py writes GGUF, generate.py writes random test models.
+"""
+from dllama_node.model.config import ModelConfig, RopeScaling
+from dllama_node.model.loader import ModelFile, TensorInfo, llama_tensor_shapes, open_model
+
+__all__ = ["ModelConfig", "RopeScaling", "ModelFile", "TensorInfo", "llama_tensor_shapes",
+           "open_model"]

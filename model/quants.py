@@ -9,6 +9,8 @@ quants.py. Blocks are 32 values; a quantized row of k values is k // 32 blocks o
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 QK = 32
@@ -20,6 +22,44 @@ GGML_F32 = 0
 GGML_F16 = 1
 GGML_Q4_0 = 2
 GGML_Q8_0 = 8
+GGML_BF16 = 30
+
+
+@dataclass(frozen=True)
+class GGMLType:
+    """One GGML tensor type: block_size values are stored in block_bytes bytes."""
+
+    type_id: int
+    name: str
+    block_size: int
+    block_bytes: int
+
+
+# Every type a GGUF file may carry (ids and sizes as in ggml.h / gguf-py constants).
+# Knowing a type's size lets the reader lay out a file even when it cannot convert it.
+GGML_TYPES = {t.type_id: t for t in (
+    GGMLType(0, "F32", 1, 4), GGMLType(1, "F16", 1, 2),
+    GGMLType(2, "Q4_0", 32, 18), GGMLType(3, "Q4_1", 32, 20),
+    GGMLType(6, "Q5_0", 32, 22), GGMLType(7, "Q5_1", 32, 24),
+    GGMLType(8, "Q8_0", 32, 34), GGMLType(9, "Q8_1", 32, 36),
+    GGMLType(10, "Q2_K", 256, 84), GGMLType(11, "Q3_K", 256, 110),
+    GGMLType(12, "Q4_K", 256, 144), GGMLType(13, "Q5_K", 256, 176),
+    GGMLType(14, "Q6_K", 256, 210), GGMLType(15, "Q8_K", 256, 292),
+    GGMLType(16, "IQ2_XXS", 256, 66), GGMLType(17, "IQ2_XS", 256, 74),
+    GGMLType(18, "IQ3_XXS", 256, 98), GGMLType(19, "IQ1_S", 256, 50),
+    GGMLType(20, "IQ4_NL", 32, 18), GGMLType(21, "IQ3_S", 256, 110),
+    GGMLType(22, "IQ2_S", 256, 82), GGMLType(23, "IQ4_XS", 256, 136),
+    GGMLType(24, "I8", 1, 1), GGMLType(25, "I16", 1, 2), GGMLType(26, "I32", 1, 4),
+    GGMLType(27, "I64", 1, 8), GGMLType(28, "F64", 1, 8), GGMLType(29, "IQ1_M", 256, 56),
+    GGMLType(30, "BF16", 1, 2), GGMLType(34, "TQ1_0", 256, 54),
+    GGMLType(35, "TQ2_0", 256, 66), GGMLType(39, "MXFP4", 32, 17),
+)}
+
+
+def type_name(ggml_type: int) -> str:
+    """'Q4_K' for 12; 'unknown type 99' for an id GGML does not define."""
+    t = GGML_TYPES.get(int(ggml_type))
+    return t.name if t is not None else f"unknown type {int(ggml_type)}"
 
 
 def _blocks(x: np.ndarray) -> np.ndarray:
@@ -92,4 +132,7 @@ def row_bytes(ggml_type: int, k: int) -> int:
         return k // QK * Q4_0_BLOCK_BYTES
     if ggml_type == GGML_Q8_0:
         return k // QK * Q8_0_BLOCK_BYTES
+    t = GGML_TYPES.get(int(ggml_type))
+    if t is not None:
+        return int(k) // t.block_size * t.block_bytes
     raise ValueError(f"no row size for GGML type {ggml_type}")
