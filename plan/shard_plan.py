@@ -1,0 +1,492 @@
+"""The shard plan: which rows of the model each node holds, and what that costs it.
+
+    plan_shards(layout, capacities, options) -> ShardPlan        (pure: no sockets, files, /proc)
+
+Units (DESIGN.md): attention by query heads (node i gets query heads [h0, h1) and computes and
+caches the KV heads they read, [h0 // kv_group, (h1 - 1) // kv_group + 1): a KV head whose query
+heads fall on two nodes is held by both); FFN rows (ffn_gate / ffn_up rows = ffn_down columns)
+and classifier rows in 32-row blocks, the last block possibly short. A quantized attn_output
+is cut at whole 32-value blocks, so its attention unit may be several heads (layout.heads_per_unit).
+
+How the units are placed (apportion.py): each kind in turn -- attention, FFN, classifier -- unit
+by unit to the node with the highest weight / (count + 1/2) that still has room; weights are the
+nodes' speed scores, or options.split. A node whose proportional slice does not fit takes what
+fits and the others share the rest (water-filling). Ranges follow node order: the root (node
+index 0, capacities[0]) first.
+
+Decisions a reader may look for:
+- More nodes than attention units: the surplus nodes get no heads (and no KV cache) but still
+  FFN and classifier rows. A node whose share rounds to no unit at all is excluded.
+- A node that cannot hold one unit of each kind (with its KV heads, buffers and reserve) is
+  excluded with the numbers as its reason. A root that cannot becomes coordinator-only (it embeds,
+  gathers logits and samples); the plan says so in its warnings.
+- Swap counts only with allow_swap, and only when RAM alone cannot hold the plan: a node whose
+  total spills into swap does not lock its memory, and the plan carries a warning. Swap never buys
+  a longer default context: max_seq_len is first chosen so that everything fits in RAM.
+- Default max_seq_len: the model card's, if it fits; else the largest multiple of 256 (at least
+  128) for which every node's total fits; the plan states why (seq_len_reason). Balance comes
+  first: the longest context at which every slice is still in proportion to speed; only when
+  no such context exists (memory binds even at 128 tokens) the longest at which water-filling
+  fits. (Otherwise the KV cache would crowd the weights onto the nodes with room left, and the
+  slowest-per-unit node would set the pace.)
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+from dllama_node.common.errors import MemoryPlanError, UsageError
+from dllama_node.common.units import MiB
+
+from . import advice
+from .accounting import (ROLE_COORDINATOR, ROLE_ROOT, ROLE_WORKER, MemoryNeed, NodeMemory, SliceCounts,
+                         memory_need, settle)
+from .apportion import Range, apportion, kv_range, max_kv_heads, ranges_from_counts
+from .layout import ModelLayout
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RESERVE_BYTES = 64 * MiB
+ROW_BLOCK = 32          # FFN and classifier rows go in blocks of this many
+SEQ_STEP = 256          # the default max_seq_len is a multiple of this ...
+SEQ_FLOOR = 128         # ... or this, when not even SEQ_STEP fits
+
+
+class PlanError(MemoryPlanError):
+    """The model does not fit the nodes: names the node, the numbers, and what would fit."""
+
+    def __init__(self, message: str, node_id: Optional[str] = None, needed_bytes: int = 0,
+                 available_bytes: int = 0, fixes: Sequence[str] = ()):
+        super().__init__(message)
+        self.node_id = node_id
+        self.needed_bytes = needed_bytes
+        self.available_bytes = available_bytes
+        self.fixes = tuple(fixes)
+
+
+@dataclass(frozen=True)
+class NodeCapacity:
+    """What a node reports: its memory, its cores and a relative speed score."""
+
+    node_id: str
+    available_ram_bytes: int
+    free_swap_bytes: int
+    memlock_limit_bytes: int            # -1: unlimited
+    cores: int
+    speed: float                        # e.g. tokens/s of a short kernel benchmark
+    coordinator_only: bool = False      # runs no slice (a bigger root that only coordinates)
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    max_seq_len: Optional[int] = None   # None: the largest that fits every node, <= the model's
+    allow_swap: bool = False
+    reserve_bytes: int = DEFAULT_RESERVE_BYTES   # per node
+    kv_bytes_per_value: int = 4         # f32 KV cache
+    split: Optional[Tuple[float, ...]] = None    # relative weights per capacity, overriding speed
+    batch_size: int = 1                 # tokens per forward call: activation buffers scale with it
+
+    def to_dict(self) -> dict:
+        return {"max_seq_len": self.max_seq_len, "allow_swap": self.allow_swap,
+                "reserve_bytes": self.reserve_bytes, "kv_bytes_per_value": self.kv_bytes_per_value,
+                "split": list(self.split) if self.split is not None else None,
+                "batch_size": self.batch_size}
+
+
+@dataclass(frozen=True)
+class NodeSlice:
+    """One node's part of the plan. Ranges are half-open [start, stop); (0, 0) when empty."""
+
+    node_id: str
+    node_index: int             # position in the plan; the root is 0
+    role: str                   # "root", "worker" or "coordinator"
+    weight: float               # the speed score or split weight its share followed
+    q_heads: Range
+    kv_heads: Range
+    ffn_rows: Range
+    vocab_rows: Range
+    memory: NodeMemory
+
+    @property
+    def n_q_heads(self) -> int:
+        return self.q_heads[1] - self.q_heads[0]
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.kv_heads[1] - self.kv_heads[0]
+
+    @property
+    def n_ffn_rows(self) -> int:
+        return self.ffn_rows[1] - self.ffn_rows[0]
+
+    @property
+    def n_vocab_rows(self) -> int:
+        return self.vocab_rows[1] - self.vocab_rows[0]
+
+    def to_dict(self) -> dict:
+        return {"node_id": self.node_id, "node_index": self.node_index, "role": self.role,
+                "weight": self.weight, "q_heads": list(self.q_heads), "kv_heads": list(self.kv_heads),
+                "ffn_rows": list(self.ffn_rows), "vocab_rows": list(self.vocab_rows),
+                "memory": self.memory.to_dict()}
+
+
+@dataclass(frozen=True)
+class ExcludedNode:
+    node_id: str
+    reason: str
+
+
+TOTAL_FIELDS = ("weights", "kv_cache", "buffers", "reserve", "total", "available", "swap_used", "headroom")
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Per-node slices and their byte accounting; printed, journaled and checked against RSS."""
+
+    layout: ModelLayout
+    options: PlanOptions
+    max_seq_len: int
+    seq_len_reason: str
+    nodes: Tuple[NodeSlice, ...]
+    excluded: Tuple[ExcludedNode, ...] = ()
+    warnings: Tuple[str, ...] = field(default=())
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def slice_nodes(self) -> Tuple[NodeSlice, ...]:
+        """The nodes that hold rows (all but a coordinator-only root)."""
+        return tuple(n for n in self.nodes if n.role != ROLE_COORDINATOR)
+
+    def node(self, node_id: str) -> NodeSlice:
+        for n in self.nodes:
+            if n.node_id == node_id:
+                return n
+        raise KeyError(f"node {node_id} is not in the plan")
+
+    def totals(self) -> Dict[str, int]:
+        """Sums over the plan's nodes of each byte column."""
+        return {name: sum(getattr(n.memory, name) for n in self.nodes) for name in TOTAL_FIELDS}
+
+    def to_dict(self) -> dict:
+        return {"model": self.layout.describe(), "options": self.options.to_dict(),
+                "max_seq_len": self.max_seq_len, "seq_len_reason": self.seq_len_reason,
+                "nodes": [n.to_dict() for n in self.nodes],
+                "excluded": [{"node_id": e.node_id, "reason": e.reason} for e in self.excluded],
+                "warnings": list(self.warnings), "totals": self.totals()}
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    """Why a plan at one max_seq_len failed: one sentence with its node and numbers."""
+
+    text: str
+    node_id: Optional[str]
+    needed_bytes: int
+    available_bytes: int
+
+
+@dataclass(frozen=True)
+class Draft:
+    nodes: Tuple[NodeSlice, ...]
+    excluded: Tuple[ExcludedNode, ...]
+    warnings: Tuple[str, ...]
+
+
+def plan_shards(layout: ModelLayout, capacities: Sequence[NodeCapacity],
+                options: PlanOptions = PlanOptions()) -> ShardPlan:
+    """Slices for every node that can hold one, in proportion to speed, bounded by memory.
+
+    capacities[0] is the root. Raises PlanError (a MemoryPlanError) when nothing fits, UsageError
+    for inconsistent inputs, ModelFileError when quantized rows cannot be cut in whole blocks."""
+    _validate(layout, capacities, options)
+    layout.check_sliceable()
+    planner = Planner(layout, list(capacities), options)
+    model_seq = layout.config.seq_len
+    if options.max_seq_len is not None:
+        seq_len = options.max_seq_len
+        result = planner.fit(seq_len)
+        if isinstance(result, Shortfall):
+            raise advice.plan_error(planner, result, seq_len)
+        reason = f"max_seq_len {seq_len} (asked for; model card {model_seq})"
+    else:
+        seq_len, result = planner.largest_fitting_seq_len()
+        if isinstance(result, Shortfall):
+            raise advice.plan_error(planner, result, seq_len)
+        reason = advice.seq_len_reason(planner, result, seq_len)
+    log.info("%s", reason)
+    return ShardPlan(layout, options, seq_len, reason, result.nodes, result.excluded, result.warnings)
+
+
+def _validate(layout: ModelLayout, capacities: Sequence[NodeCapacity], options: PlanOptions) -> None:
+    if not capacities:
+        raise UsageError("no nodes to plan for: capacities is empty")
+    seen = set()
+    for cap in capacities:
+        if not cap.node_id or cap.node_id in seen:
+            raise UsageError(f"node id {cap.node_id!r} is empty or not unique")
+        seen.add(cap.node_id)
+        for name in ("available_ram_bytes", "free_swap_bytes"):
+            if int(getattr(cap, name)) < 0:
+                raise UsageError(f"node {cap.node_id}: {name} is {getattr(cap, name)}, expected >= 0")
+        if int(cap.memlock_limit_bytes) < -1:
+            raise UsageError(f"node {cap.node_id}: memlock_limit_bytes is {cap.memlock_limit_bytes}, "
+                             f"expected >= 0 or -1 (unlimited)")
+        if not (math.isfinite(cap.speed) and cap.speed >= 0):
+            raise UsageError(f"node {cap.node_id}: speed is {cap.speed}, expected a finite number >= 0")
+    model_seq = layout.config.seq_len
+    if options.max_seq_len is not None and not 1 <= options.max_seq_len <= model_seq:
+        raise UsageError(f"max_seq_len {options.max_seq_len} is outside [1, {model_seq}] "
+                         f"(the model's context is {model_seq})")
+    if options.split is not None:
+        if len(options.split) != len(capacities):
+            raise UsageError(f"split has {len(options.split)} weights, there are {len(capacities)} nodes")
+        for w in options.split:
+            if not (math.isfinite(w) and w >= 0):
+                raise UsageError(f"split weight {w} is not a finite number >= 0")
+    if options.reserve_bytes < 0 or options.kv_bytes_per_value < 1 or options.batch_size < 1:
+        raise UsageError(f"reserve_bytes {options.reserve_bytes} (>= 0), kv_bytes_per_value "
+                         f"{options.kv_bytes_per_value} (>= 1), batch_size {options.batch_size} (>= 1)")
+
+
+class Planner:
+    """Plans for fixed inputs at any max_seq_len; the advice module asks it what-if questions."""
+
+    def __init__(self, layout: ModelLayout, capacities: List[NodeCapacity], options: PlanOptions):
+        self.layout = layout
+        self.capacities = capacities
+        self.options = options
+        self.weights: List[float] = []
+        self.candidates: List[int] = []              # capacity indices that may hold a slice
+        self.pre_excluded: List[ExcludedNode] = []
+        for i, cap in enumerate(capacities):
+            w = float(options.split[i] if options.split is not None else cap.speed)
+            self.weights.append(w)
+            what = "split weight" if options.split is not None else "speed score"
+            if cap.coordinator_only:
+                if i != 0:
+                    self.pre_excluded.append(ExcludedNode(
+                        cap.node_id, "coordinator_only, and only the root (node index 0) coordinates"))
+            elif w == 0:
+                self.pre_excluded.append(ExcludedNode(cap.node_id, f"its {what} is 0"))
+            else:
+                self.candidates.append(i)
+
+    # -- the fit at one max_seq_len -------------------------------------------------------------
+
+    def fit(self, seq_len: int) -> Union[Draft, Shortfall]:
+        """A plan in RAM alone; with allow_swap, else one that uses swap."""
+        result = self.plan_at(seq_len, use_swap=False)
+        if isinstance(result, Shortfall) and self.options.allow_swap:
+            result = self.plan_at(seq_len, use_swap=True)
+        return result
+
+    def largest_fitting_seq_len(self) -> Tuple[int, Union[Draft, Shortfall]]:
+        """The default max_seq_len and its plan (or the shortfall at the smallest length)."""
+        model_seq = self.layout.config.seq_len
+        lengths = sorted({min(SEQ_FLOOR, model_seq), model_seq} |
+                         set(range(SEQ_STEP, model_seq, SEQ_STEP)))
+        modes = (False, True) if self.options.allow_swap else (False,)
+        failure: Optional[Shortfall] = None
+        for use_swap in modes:       # RAM alone first: swap never buys a longer default context
+            for balanced in (True, False):
+                seq_len, result = self.search(lengths, lambda s: self.plan_at(s, use_swap, balanced=balanced))
+                if not isinstance(result, Shortfall):
+                    return seq_len, result
+                failure = result
+        assert failure is not None
+        return lengths[0], failure
+
+    @staticmethod
+    def search(lengths: Sequence[int], attempt) -> Tuple[int, Union[Draft, Shortfall]]:
+        """The largest length in ascending `lengths` whose attempt is a Draft (fits are taken to
+        be monotone: what fits at n fits at any shorter length), else the first one's Shortfall."""
+        top = attempt(lengths[-1])
+        if not isinstance(top, Shortfall):
+            return lengths[-1], top
+        lo, hi = 0, len(lengths) - 1               # lengths[hi] fails; lengths[lo] unknown
+        best: Optional[Tuple[int, Draft]] = None
+        first = attempt(lengths[0]) if len(lengths) > 1 else top
+        if isinstance(first, Shortfall):
+            return lengths[0], first
+        best = (lengths[0], first)
+        while hi - lo > 1:                         # invariant: lengths[lo] fits, lengths[hi] fails
+            mid = (lo + hi) // 2
+            result = attempt(lengths[mid])
+            if isinstance(result, Shortfall):
+                hi = mid
+            else:
+                lo, best = mid, (lengths[mid], result)
+        return best
+
+    def need(self, counts: SliceCounts, role: str, seq_len: int, n_slice_nodes: int,
+             layout: Optional[ModelLayout] = None) -> MemoryNeed:
+        o = self.options
+        return memory_need(layout or self.layout, counts, seq_len=seq_len, role=role,
+                           n_slice_nodes=n_slice_nodes, kv_bytes_per_value=o.kv_bytes_per_value,
+                           reserve_bytes=o.reserve_bytes, batch_size=o.batch_size)
+
+    def budget(self, i: int, use_swap: bool) -> int:
+        cap = self.capacities[i]
+        return int(cap.available_ram_bytes) + (int(cap.free_swap_bytes) if use_swap else 0)
+
+    def smallest_counts(self, layout: Optional[ModelLayout] = None) -> SliceCounts:
+        layout = layout or self.layout
+        c = layout.config
+        unit = layout.heads_per_unit
+        return SliceCounts(unit, max_kv_heads(unit, c.kv_group, c.n_kv_heads),
+                           min(ROW_BLOCK, c.hidden_dim), min(ROW_BLOCK, c.vocab_size))
+
+    def plan_at(self, seq_len: int, use_swap: bool, layout: Optional[ModelLayout] = None,
+                extra: Sequence[Tuple[NodeCapacity, float]] = (), balanced: bool = False
+                ) -> Union[Draft, Shortfall]:
+        """Plan at one max_seq_len. `layout` and `extra` (more nodes, with weights) are what-ifs.
+        balanced: every node's slice in proportion to its weight, or a Shortfall (no water-filling)."""
+        layout = layout or self.layout
+        caps = self.capacities + [cap for cap, _ in extra]
+        weights = self.weights + [w for _, w in extra]
+        members = self.candidates + list(range(len(self.capacities), len(caps)))
+        excluded = list(self.pre_excluded)
+        warnings: List[str] = []
+        c = layout.config
+
+        def budget(i: int) -> int:
+            return int(caps[i].available_ram_bytes) + (int(caps[i].free_swap_bytes) if use_swap else 0)
+
+        def role_of(i: int) -> str:
+            return ROLE_ROOT if i == 0 else ROLE_WORKER
+
+        def need(i: int, counts: SliceCounts, n: int, role: Optional[str] = None) -> MemoryNeed:
+            return self.need(counts, role or role_of(i), seq_len, n, layout)
+
+        smallest = self.smallest_counts(layout)
+        root_coordinates = bool(caps[0].coordinator_only)
+        too_small: List[Tuple[int, MemoryNeed]] = []
+        for i in list(members):
+            smallest_need = need(i, smallest, len(members))
+            if budget(i) < smallest_need.total:
+                members.remove(i)
+                too_small.append((i, smallest_need))
+                excluded.append(ExcludedNode(caps[i].node_id, advice.too_small_text(
+                    caps[i].node_id, budget(i), smallest_need, seq_len, use_swap)))
+                if i == 0:
+                    root_coordinates = True
+                    warnings.append(f"root {caps[0].node_id} cannot hold a slice; it only coordinates")
+        if not members:
+            if too_small:
+                i, smallest_need = max(too_small, key=lambda t: budget(t[0]) - t[1].total)
+                return Shortfall(advice.too_small_text(caps[i].node_id, budget(i), smallest_need, seq_len,
+                                                       use_swap, subject=True),
+                                 caps[i].node_id, smallest_need.total, budget(i))
+            return Shortfall("no node may hold a slice: " + "; ".join(
+                f"{e.node_id}: {e.reason}" for e in excluded), None, 0, 0)
+
+        n = len(members)
+        if root_coordinates:
+            coordinator_need = need(0, SliceCounts(), n, ROLE_COORDINATOR)
+            if budget(0) < coordinator_need.total:
+                return Shortfall(advice.coordinator_text(caps[0].node_id, budget(0), coordinator_need),
+                                 caps[0].node_id, coordinator_need.total, budget(0))
+
+        # Cost of each unit kind on each node, from the accounting itself (it is linear in
+        # FFN and classifier blocks; attention steps with the KV heads a head range may read).
+        fixed = {i: need(i, SliceCounts(), n).total for i in members}
+        ffn_block = need(members[0], SliceCounts(n_ffn_rows=ROW_BLOCK), n).total - fixed[members[0]]
+        vocab_block = need(members[0], SliceCounts(n_vocab_rows=ROW_BLOCK), n).total - fixed[members[0]]
+        unit = layout.heads_per_unit
+        n_attn_units = c.n_heads // unit
+        bound_cost: Dict[Tuple[int, int], int] = {}
+
+        def attention_bound(i: int, k: int) -> int:
+            """Cost of k attention units on node i with the most KV heads they can read."""
+            if (i, k) not in bound_cost:
+                heads = k * unit
+                counts = SliceCounts(heads, max_kv_heads(heads, c.kv_group, c.n_kv_heads))
+                bound_cost[(i, k)] = need(i, counts, n).total - fixed[i]
+            return bound_cost[(i, k)]
+
+        def attention_exact(attn: List[int]) -> List[int]:
+            """Cost of each node's attention units with the KV heads its range really reads."""
+            costs = []
+            for j, q in enumerate(ranges_from_counts(attn, unit, c.n_heads)):
+                kv = kv_range(q, c.kv_group)
+                counts = SliceCounts(q[1] - q[0], kv[1] - kv[0])
+                costs.append(need(members[j], counts, n).total - fixed[members[j]])
+            return costs
+
+        w = [weights[i] for i in members]
+        room = [budget(i) - fixed[i] for i in members]
+        if balanced:
+            room = [math.inf] * n
+        # Attention: the proportional split if it fits as cut; else unit by unit, each node
+        # counted with the most KV heads its range could read (its range is not known yet).
+        attn = apportion(n_attn_units, w, lambda j, k: True)
+        if any(cost > r for cost, r in zip(attention_exact(attn), room)):
+            attn = apportion(n_attn_units, w, lambda j, k: attention_bound(members[j], k + 1) <= room[j])
+            if attn is None:
+                return self._cluster_shortfall(layout, caps, members, budget, seq_len, n, "attention heads")
+        room = [r - cost for r, cost in zip(room, attention_exact(attn))]
+        n_ffn_blocks = -(-c.hidden_dim // ROW_BLOCK)
+        ffn = apportion(n_ffn_blocks, w, lambda j, k: (k + 1) * ffn_block <= room[j])
+        if ffn is None:
+            return self._cluster_shortfall(layout, caps, members, budget, seq_len, n, "FFN rows")
+        room = [room[j] - ffn[j] * ffn_block for j in range(n)]
+        n_vocab_blocks = -(-c.vocab_size // ROW_BLOCK)
+        vocab = apportion(n_vocab_blocks, w, lambda j, k: (k + 1) * vocab_block <= room[j])
+        if vocab is None:
+            return self._cluster_shortfall(layout, caps, members, budget, seq_len, n, "classifier rows")
+
+        keep = [j for j in range(n) if members[j] == 0 or attn[j] + ffn[j] + vocab[j] > 0]
+        for j in range(n):
+            if j not in keep:
+                excluded.append(ExcludedNode(caps[members[j]].node_id, (
+                    f"its weight {w[j]:g} of {sum(w):g} rounds to no unit of any kind")))
+        members = [members[j] for j in keep]
+        attn, ffn, vocab = ([counts[j] for j in keep] for counts in (attn, ffn, vocab))
+        q_ranges = ranges_from_counts(attn, unit, c.n_heads)
+        ffn_ranges = ranges_from_counts(ffn, ROW_BLOCK, c.hidden_dim)
+        vocab_ranges = ranges_from_counts(vocab, ROW_BLOCK, c.vocab_size)
+
+        nodes: List[NodeSlice] = []
+        if root_coordinates:
+            nodes.append(self._slice(caps[0], 0, ROLE_COORDINATOR, 0.0, (0, 0), (0, 0), (0, 0), (0, 0),
+                                     need(0, SliceCounts(), len(members), ROLE_COORDINATOR), use_swap))
+        for j, i in enumerate(members):
+            kv = kv_range(q_ranges[j], c.kv_group)
+            counts = SliceCounts(q_ranges[j][1] - q_ranges[j][0], kv[1] - kv[0],
+                                 ffn_ranges[j][1] - ffn_ranges[j][0], vocab_ranges[j][1] - vocab_ranges[j][0])
+            nodes.append(self._slice(caps[i], len(nodes), role_of(i), weights[i], q_ranges[j], kv,
+                                     ffn_ranges[j], vocab_ranges[j], need(i, counts, len(members)), use_swap))
+        for node in nodes:
+            if node.memory.headroom < 0:
+                if not balanced:
+                    raise AssertionError(f"planner bug: node {node.node_id} over by {-node.memory.headroom}")
+                return Shortfall(f"node {node.node_id}'s share needs {advice.needs(node.memory.total)}",
+                                 node.node_id, node.memory.total, node.memory.available + node.memory.swap_allowed)
+            warnings.extend(advice.node_warnings(node))
+        return Draft(tuple(nodes), tuple(excluded), tuple(warnings))
+
+    def _slice(self, cap: NodeCapacity, index: int, role: str, weight: float, q: Range, kv: Range,
+               ffn: Range, vocab: Range, need: MemoryNeed, use_swap: bool) -> NodeSlice:
+        memory = settle(need, available=cap.available_ram_bytes, free_swap=cap.free_swap_bytes,
+                        allow_swap=use_swap, memlock_limit=cap.memlock_limit_bytes)
+        return NodeSlice(cap.node_id, index, role, weight, q, kv, ffn, vocab, memory)
+
+    def _cluster_shortfall(self, layout, caps, members, budget, seq_len, n, kind) -> Shortfall:
+        """The least the whole model needs on these nodes (no KV head twice) against their sum."""
+        c = layout.config
+        everything = SliceCounts(c.n_heads, c.n_kv_heads, c.hidden_dim, c.vocab_size)
+        whole = self.need(everything, ROLE_WORKER, seq_len, n, layout)
+        empty = self.need(SliceCounts(), ROLE_WORKER, seq_len, n, layout)
+        fixed = [self.need(SliceCounts(), ROLE_ROOT if i == 0 else ROLE_WORKER, seq_len, n, layout)
+                 for i in members]
+        need_total = whole.total - empty.total + sum(f.total for f in fixed)
+        weights = whole.weights - empty.weights + sum(f.weights for f in fixed)
+        text = advice.cluster_text(kind, [(caps[i].node_id, budget(i)) for i in members], seq_len,
+                                   need_total, weights, whole.kv_cache)
+        return Shortfall(text, caps[min(members, key=budget)].node_id, need_total,
+                         sum(budget(i) for i in members))
