@@ -247,6 +247,8 @@ def converted_type(ggml_type: int, shape: Tuple[int, ...]) -> int:
 def convert_tensor(data: np.ndarray, ggml_type: int, shape: Tuple[int, ...]) -> Tuple[np.ndarray, int]:
     """Stored bytes (any layout, contiguous) -> (array, kernel_type) for the kernels.
 
+    A matrix of a kernel type comes back as a view in the loader's layout.
+
     A matrix (rows, cols) becomes uint8 (rows, cols // 32 * 34) Q8_0 when cols is a
     multiple of 32, else float32 (rows, cols); a vector (n,) becomes float32 (n,).
     Converted a chunk of rows at a time, so the float32 scratch stays small."""
@@ -256,7 +258,11 @@ def convert_tensor(data: np.ndarray, ggml_type: int, shape: Tuple[int, ...]) -> 
     rows = 1
     for s in shape[:-1]:
         rows *= int(s)
-    src = np.asarray(data).reshape(rows, cols // t.block_size * t.block_bytes)
+    src = np.asarray(data).reshape(-1).view(np.uint8).reshape(rows, cols // t.block_size * t.block_bytes)
+    if target == int(ggml_type):        # a kernel type already: the stored layout, no copy
+        if target in (quants.GGML_F32, quants.GGML_F16):
+            return src.view("<f4" if target == quants.GGML_F32 else "<f2").reshape(shape), target
+        return src.reshape(*shape[:-1], src.shape[-1]), target
     if target == quants.GGML_Q8_0:
         out = np.empty((rows, cols // quants.QK * quants.Q8_0_BLOCK_BYTES), dtype=np.uint8)
     else:

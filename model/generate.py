@@ -22,7 +22,7 @@ import math
 import string
 import time
 import zlib
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -30,7 +30,6 @@ from dllama_node.model import quants
 from dllama_node.model.config import ModelConfig, RopeScaling
 from dllama_node.model.dllama_m import write_dllama_m
 from dllama_node.model.gguf_writer import GGUFWriter
-from dllama_node.model.gguf import ValueType
 from dllama_node.model.loader import llama_tensor_shapes
 
 log = logging.getLogger(__name__)
@@ -133,8 +132,11 @@ def _random_rows(rng: np.random.Generator, rows: int, cols: int, ggml_type: int)
 def tensor_chunks(name: str, shape: Tuple[int, ...], ggml_type: int, seed: int = 0) -> Iterator[np.ndarray]:
     """The stored bytes of one random tensor, a chunk of rows at a time."""
     rng = _tensor_rng(seed, name)
-    if len(shape) == 1:         # norms: float32 ~ 1
-        yield (1.0 + rng.standard_normal(shape[0], dtype=np.float32) * np.float32(NORM_STD))
+    if len(shape) == 1:         # norms: ~ 1, F32 (or F16)
+        norm = 1.0 + rng.standard_normal(shape[0], dtype=np.float32) * np.float32(NORM_STD)
+        if ggml_type not in (quants.GGML_F32, quants.GGML_F16):
+            raise ValueError(f"cannot generate a {quants.type_name(ggml_type)} vector")
+        yield norm if ggml_type == quants.GGML_F32 else norm.astype(np.float16)
         return
     rows, cols = shape
     step = max(1, CHUNK_BYTES // max(1, quants.row_bytes(ggml_type, cols)))
@@ -170,34 +172,66 @@ def model_tensor_types(config: ModelConfig, weight_type: int) -> Dict[str, Tuple
     return {n: (s, quants.GGML_F32 if len(s) == 1 else weight_type) for n, s in shapes.items()}
 
 
-def _add_metadata(w: GGUFWriter, config: ModelConfig, weight_type: int, name: str) -> None:
+def model_metadata(config: ModelConfig, weight_type: int, name: str = "random") -> Dict[str, Any]:
+    """The GGUF metadata of a llama model with the synthetic tokenizer (types inferred
+    by the writer: ints UINT32, floats FLOAT32, token types INT32, scores FLOAT32)."""
     c = config
-    w.add("general.architecture", "llama")
-    w.add("general.name", name)
-    w.add("general.file_type", FILE_TYPES[weight_type])
-    w.add("llama.vocab_size", c.vocab_size)
-    w.add("llama.context_length", c.seq_len)
-    w.add("llama.embedding_length", c.dim)
-    w.add("llama.block_count", c.n_layers)
-    w.add("llama.feed_forward_length", c.hidden_dim)
-    w.add("llama.rope.dimension_count", c.head_dim)
-    w.add("llama.attention.head_count", c.n_heads)
-    w.add("llama.attention.head_count_kv", c.n_kv_heads)
-    w.add("llama.attention.key_length", c.head_dim)
-    w.add("llama.attention.value_length", c.head_dim)
-    w.add("llama.attention.layer_norm_rms_epsilon", float(c.norm_eps))
-    w.add("llama.rope.freq_base", float(c.rope_theta))
     tokens, scores, types = synthetic_vocab(c.vocab_size)
-    w.add("tokenizer.ggml.model", "llama")
-    w.add("tokenizer.ggml.tokens", tokens)
-    w.add("tokenizer.ggml.scores", scores)
-    w.add("tokenizer.ggml.token_type", types)
-    w.add("tokenizer.ggml.bos_token_id", 1)
-    w.add("tokenizer.ggml.eos_token_id", 2)
-    w.add("tokenizer.ggml.unknown_token_id", 0)
-    w.add("tokenizer.ggml.add_bos_token", True)
-    w.add("tokenizer.ggml.add_eos_token", False)
-    w.add("general.quantization_version", 2, ValueType.UINT32)
+    return {
+        "general.architecture": "llama",
+        "general.name": name,
+        "general.file_type": FILE_TYPES[weight_type],
+        "general.quantization_version": 2,
+        "llama.vocab_size": c.vocab_size,
+        "llama.context_length": c.seq_len,
+        "llama.embedding_length": c.dim,
+        "llama.block_count": c.n_layers,
+        "llama.feed_forward_length": c.hidden_dim,
+        "llama.rope.dimension_count": c.head_dim,
+        "llama.attention.head_count": c.n_heads,
+        "llama.attention.head_count_kv": c.n_kv_heads,
+        "llama.attention.key_length": c.head_dim,
+        "llama.attention.value_length": c.head_dim,
+        "llama.attention.layer_norm_rms_epsilon": float(c.norm_eps),
+        "llama.rope.freq_base": float(c.rope_theta),
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": scores,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.unknown_token_id": 0,
+        "tokenizer.ggml.add_bos_token": True,
+        "tokenizer.ggml.add_eos_token": False,
+    }
+
+
+ChunksFor = Callable[[str, Tuple[int, ...], int], Iterable[np.ndarray]]
+
+
+def write_gguf_model(path: str, metadata: Dict[str, Any],
+                     tensors: Dict[str, Tuple[Tuple[int, ...], int]], chunks_for: ChunksFor,
+                     progress: Optional[Callable[[int, int], None]] = None) -> int:
+    """Write metadata and tensors {name: (shape, ggml_type)} in order, each tensor's
+    bytes from chunks_for(name, shape, ggml_type); returns the file size."""
+    with GGUFWriter(path) as w:
+        for key, value in metadata.items():
+            w.add(key, value)
+        for name, (shape, ggml_type) in tensors.items():
+            w.add_tensor_info(name, shape, ggml_type)
+        w.write_header()
+        total = sum(w.tensor_nbytes().values())
+        done = 0
+        for name, (shape, ggml_type) in tensors.items():
+            def counted(chunks=chunks_for(name, shape, ggml_type)) -> Iterator[np.ndarray]:
+                nonlocal done
+                for chunk in chunks:
+                    yield chunk
+                    done += chunk.nbytes
+                    if progress:
+                        progress(done, total)
+            w.write_tensor(name, counted())
+        return w.total_size
 
 
 def write_random_model(path: str, config: ModelConfig, weight_type: str = "q4_0", seed: int = 0,
@@ -220,29 +254,14 @@ def write_random_model(path: str, config: ModelConfig, weight_type: str = "q4_0"
         return size
     if file_format != "gguf":
         raise ValueError(f"file_format {file_format!r}: expected 'gguf' or 'dllama-m'")
-    tensors = model_tensor_types(config, wt)
-    with GGUFWriter(path) as w:
-        _add_metadata(w, config, wt, f"random-{config.dim}x{config.n_layers}-{weight_type}")
-        for name, (shape, ggml_type) in tensors.items():
-            w.add_tensor_info(name, shape, ggml_type)
-        w.write_header()
-        total = sum(w.tensor_nbytes().values())
-        done = 0
-        for name, (shape, ggml_type) in tensors.items():
-            if name == "rope_freqs.weight":
-                chunks: Iterator[np.ndarray] = iter([llama3_rope_factors(config)])
-            else:
-                chunks = tensor_chunks(name, shape, ggml_type, seed)
 
-            def counted(chunks=chunks) -> Iterator[np.ndarray]:
-                nonlocal done
-                for chunk in chunks:
-                    yield chunk
-                    done += chunk.nbytes
-                    if progress:
-                        progress(done, total)
-            w.write_tensor(name, counted())
-        size = w.total_size
+    def chunks_for(name: str, shape: Tuple[int, ...], ggml_type: int) -> Iterable[np.ndarray]:
+        if name == "rope_freqs.weight":
+            return [llama3_rope_factors(config)]
+        return tensor_chunks(name, shape, ggml_type, seed)
+
+    metadata = model_metadata(config, wt, f"random-{config.dim}x{config.n_layers}-{weight_type}")
+    size = write_gguf_model(path, metadata, model_tensor_types(config, wt), chunks_for, progress)
     log.info("wrote random model %s: %d bytes in %.1f s", path, size, time.monotonic() - t0)
     return size
 
