@@ -57,9 +57,12 @@ BOARDS = [
     ("armhf", "cortex-r5f", "scalar"),
 ]
 NEON_BOARDS = [b for b in BOARDS if b[2] != "scalar"]
-# one CPU per path, for the slower multi-kernel checks
+# one CPU per path, for the multi-kernel checks; on cortex-r5f a NEON instruction is
+# SIGILL, so running there shows the armhf baseline code (dispatch, matmul.c, ops.c,
+# the scalar path) has none
 ONE_PER_PATH = [("aarch64", "cortex-a72", "neon"), ("aarch64", "cortex-a76", "neon-dotprod"),
-                ("armhf", "cortex-a15", "armhf-neon")]
+                ("armhf", "cortex-a15", "armhf-neon"), ("armhf", "cortex-r5f", "scalar")]
+OPS_CPUS = [("aarch64", "cortex-a72"), ("armhf", "cortex-a15"), ("armhf", "cortex-r5f")]
 
 EXIT_UNSUPPORTED = 3  # kernel_harness: the named path is not supported on this CPU
 Y_SENTINEL = np.float32(-12345.0)  # fills output padding the kernels must not touch
@@ -223,6 +226,26 @@ def test_path_the_cpu_lacks_is_refused(harness, target, cpu, path):
     assert f"path {path} is not supported on this CPU" in out
 
 
+def test_only_the_dotprod_path_uses_sdot(harness):
+    """SDOT inlined into the neon-dotprod gemms, and nowhere else (it is SIGILL on a Pi 3
+    or 4)."""
+    binary = harness.binary("aarch64")
+    objdump = shutil.which("aarch64-linux-gnu-objdump")
+    if objdump is None:
+        pytest.skip("aarch64-linux-gnu-objdump not found: apt-get install binutils-aarch64-linux-gnu")
+    listing = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(binary)],
+                             capture_output=True, text=True, check=True).stdout
+    with_sdot = set()
+    function = None
+    for line in listing.splitlines():
+        if line.endswith(">:"):
+            function = line.split("<", 1)[1][:-2]
+        elif "\tsdot\t" in line:
+            with_sdot.add(function)
+    assert {"gemm_q4_0_q8_0_dotprod", "gemm_q8_0_q8_0_dotprod"} <= with_sdot
+    assert all("dotprod" in f or "sdot" in f for f in with_sdot), with_sdot
+
+
 # ---- the dl_isa members -------------------------------------------------------------
 
 @pytest.mark.parametrize("type_name", list(WTYPES))
@@ -310,7 +333,7 @@ def _run_op(harness, target, cpu, tmp_path, op, ints, arrays, out_shape):
     return np.fromfile(out_file, dtype=np.float32).reshape(out_shape)
 
 
-@pytest.mark.parametrize("target, cpu", [("aarch64", "cortex-a72"), ("armhf", "cortex-a15")])
+@pytest.mark.parametrize("target, cpu", OPS_CPUS)
 def test_ops_match_reference(harness, tmp_path, target, cpu):
     rng = np.random.default_rng(5)
     n, dim = 3, 77
@@ -346,7 +369,7 @@ def test_ops_match_reference(harness, tmp_path, target, cpu):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg="silu_mul")
 
 
-@pytest.mark.parametrize("target, cpu", [("aarch64", "cortex-a72"), ("armhf", "cortex-a15")])
+@pytest.mark.parametrize("target, cpu", OPS_CPUS)
 def test_attention_matches_reference(harness, tmp_path, target, cpu):
     """A node's slice: global query heads 2..5 of a model with kv_group 2, so local KV
     heads 0..1 are global KV heads 1..2; 3 new tokens after 6 cached ones."""
