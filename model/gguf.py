@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import os
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple
 
@@ -63,6 +64,7 @@ SCALAR_DTYPES = {
 _MIN_KV_BYTES = 8 + 4 + 1          # empty key, type, one-byte value
 _MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8
 _HEADER_BYTES = 4 + 4 + 8 + 8
+_U64 = struct.Struct("<Q")
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,25 @@ class _HeaderReader:
                 f"{self.left()} bytes are left in the file")
         return bytes(self.take(n, what)).decode("utf-8", errors="surrogateescape")
 
+    def strings(self, count: int, what: str) -> List[str]:
+        """count strings (a tokenizer's 128k tokens and 280k merges): a tight loop over the
+        buffer, falling back to string() where a string crosses the buffer's end."""
+        out: List[str] = []
+        unpack = _U64.unpack_from
+        buf, pos, end = self._buf, self.pos, len(self._buf)
+        for i in range(count):
+            if pos + 8 <= end:
+                n = unpack(buf, pos)[0]
+                if pos + 8 + n <= end:
+                    out.append(buf[pos + 8:pos + 8 + n].decode("utf-8", errors="surrogateescape"))
+                    pos += 8 + n
+                    continue
+            self.pos = pos
+            out.append(self.string(f"{what}[{i}]"))
+            buf, pos, end = self._buf, self.pos, len(self._buf)
+        self.pos = pos
+        return out
+
     def value(self, vtype: int, what: str) -> Tuple[Any, ValueType | None]:
         """One metadata value of type vtype -> (python value, array element type)."""
         try:
@@ -169,7 +190,7 @@ class _HeaderReader:
                     f"{self.path}: {what} claims {count} elements ({count * min_item} bytes "
                     f"or more) at byte {self.pos}, only {self.left()} bytes are left in the file")
             if etype == ValueType.STRING:
-                return [self.string(f"{what}[{i}]") for i in range(count)], etype
+                return self.strings(count, what), etype
             dtype = SCALAR_DTYPES[etype]
             raw = self.take(count * dtype.itemsize, what)
             arr = np.frombuffer(raw, dtype=dtype, count=count)

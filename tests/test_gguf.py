@@ -294,3 +294,16 @@ def test_version_and_truncation_messages(tmp_path):
     with pytest.raises(ModelFileError, match="truncated header: reading the tensor count at byte 8 "
                                              "needs 8 bytes, the file has 13 bytes"):
         read_gguf(path)
+
+
+def test_long_string_arrays_cross_the_read_buffer(tmp_path):
+    """3 MiB of strings: many cross the reader's first 1 MiB buffer; all come back."""
+    strings = [f"tok{i}" + "é" * (i % 7) for i in range(300_000)]
+    path = tmp_path / "s.gguf"
+    with GGUFWriter(path) as w:
+        w.add("tokenizer.ggml.tokens", strings)
+        w.add("after", 7)
+        w.write_header()
+    g = read_gguf(path)
+    assert g.metadata["tokenizer.ggml.tokens"] == strings and g.metadata["after"] == 7
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.tokens"].contents()[-1] == strings[-1]
