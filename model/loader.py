@@ -217,15 +217,32 @@ class ModelFile:
             n *= s
         return n * quants.row_bytes(kt, info.shape[-1])
 
-    def tensor(self, name: str) -> Tuple[np.ndarray, int]:
+    def _row_range(self, info: TensorInfo, rows: Tuple[int, int]) -> Tuple[int, int]:
+        if len(info.shape) != 2:
+            raise ValueError(f"tensor {info.name}: a row range needs a matrix, shape is "
+                             f"{_shape_str(info.shape)}")
+        start, stop, n_rows = int(rows[0]), int(rows[1]), info.shape[0]
+        if not 0 <= start <= stop <= n_rows:
+            raise ValueError(f"tensor {info.name}: rows [{start}, {stop}) outside [0, {n_rows})")
+        return start, stop
+
+    def tensor(self, name: str, rows: Optional[Tuple[int, int]] = None) -> Tuple[np.ndarray, int]:
         """(array, kernel_type). F32 -> float32 view, F16 -> float16 view, Q4_0/Q8_0 ->
-        uint8 (rows, row_bytes) view; vectors always float32; other types converted."""
+        uint8 (rows, row_bytes) view; vectors always float32; other types converted.
+
+        rows: a half-open range [start, stop) of a matrix's rows, so a node converts only
+        its own slice of a matrix stored in a type the kernels do not run."""
         info = self._info(name)
         raw = self.raw(name)
-        kt = self.kernel_type(name)
+        if rows is not None:
+            start, stop = self._row_range(info, rows)
+            stored_row = quants.row_bytes(info.ggml_type, info.shape[-1])
+            raw = raw[start * stored_row:stop * stored_row]
+            info = TensorInfo(info.name, info.ggml_type, (stop - start, info.shape[1]),
+                              info.offset + start * stored_row, (stop - start) * stored_row)
+        kt = convert.converted_type(info.ggml_type, info.shape)
         if kt != info.ggml_type:
-            arr, kt = convert.convert_tensor(raw, info.ggml_type, info.shape)
-            return arr, kt
+            return convert.convert_tensor(raw, info.ggml_type, info.shape)
         if kt == quants.GGML_F32:
             arr = raw.view("<f4").reshape(info.shape)
         elif kt == quants.GGML_F16:
@@ -235,6 +252,19 @@ class ModelFile:
         if not arr.flags.aligned:      # a .m file can put an F32 norm at an odd offset
             arr = arr.copy()
         return arr, kt
+
+    def dequantize_rows(self, name: str, index: np.ndarray) -> np.ndarray:
+        """float32 (len(index), cols): rows of a matrix dequantized straight from the file,
+        whatever its stored type -- token embedding lookups without converting the table."""
+        info = self._info(name)
+        if len(info.shape) != 2:
+            raise ValueError(f"tensor {name}: rows need a matrix, shape is {_shape_str(info.shape)}")
+        stored_row = quants.row_bytes(info.ggml_type, info.shape[1])
+        index = np.asarray(index, dtype=np.int64)
+        if index.size and (index.min() < 0 or index.max() >= info.shape[0]):
+            raise ValueError(f"tensor {name}: row index outside [0, {info.shape[0]})")
+        picked = self.raw(name).reshape(info.shape[0], stored_row)[index]
+        return convert.dequantize(picked, info.ggml_type)
 
     def rope_inv_freq(self) -> np.ndarray:
         """float32 (head_dim // 2,): the config's rotation speeds, divided by

@@ -385,3 +385,36 @@ def test_sparse_file_with_tensors_past_4_gib(tmp_path):
             assert kt == F32 and embd.shape == (vocab, dim)
             np.testing.assert_array_equal(embd[vocab - 1], known)
             assert not embd[vocab - 2].any()          # a hole reads as zeros
+
+
+def test_row_ranges_and_dequantized_rows(tmp_path):
+    """A node's slice [start, stop) of a matrix: a view for kernel types, converted
+    alone for other types; embedding rows dequantized straight from the file."""
+    cfg = ModelConfig(**{**CFG.__dict__, "dim": 256})
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((cfg.vocab_size, cfg.dim)).astype(np.float32)
+    stored = {"output.weight": gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q5_0)}
+
+    def chunks_for(name, shape, ggml_type):
+        return [stored[name]] if name in stored else tensor_chunks(name, shape, ggml_type)
+    path = build(tmp_path / "m.gguf", cfg=cfg, tensors={"output.weight": ((cfg.vocab_size, cfg.dim), 6)},
+                 chunks_for=chunks_for)
+    with open_model(path) as m:
+        full, kt = m.tensor("output.weight")
+        part, kt2 = m.tensor("output.weight", rows=(100, 173))
+        assert kt == kt2 == Q8_0 and part.shape == (73, cfg.dim // 32 * 34)
+        np.testing.assert_array_equal(part, full[100:173])
+        q, _ = m.tensor("blk.0.attn_q.weight")
+        qpart, kt = m.tensor("blk.0.attn_q.weight", rows=(16, 48))
+        assert kt == Q4_0 and np.shares_memory(qpart, m._map)
+        np.testing.assert_array_equal(qpart, q[16:48])
+        with pytest.raises(ValueError, match=r"rows \[10, 400\) outside \[0, 300\)"):
+            m.tensor("output.weight", rows=(10, 400))
+        with pytest.raises(ValueError, match="needs a matrix"):
+            m.tensor("output_norm.weight", rows=(0, 1))
+        idx = np.array([5, 299, 0, 5])
+        oracle = gguf.quants.dequantize(stored["output.weight"], gguf.GGMLQuantizationType.Q5_0)
+        np.testing.assert_array_equal(m.dequantize_rows("output.weight", idx), oracle[idx])
+        embd, _ = m.tensor("token_embd.weight")
+        np.testing.assert_array_equal(m.dequantize_rows("token_embd.weight", idx),
+                                      quants.dequantize_q4_0(embd[idx]))
