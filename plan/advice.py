@@ -84,8 +84,10 @@ def node_warnings(node: "NodeSlice") -> List[str]:
 def seq_len_reason(planner: "Planner", draft: "Draft", seq_len: int) -> str:
     """Why the default max_seq_len is `seq_len`: the node the model card's length overflows."""
     model_seq = planner.layout.config.seq_len
+    swapping = [n.node_id for n in draft.nodes if n.memory.swap_used]
+    note = f" (with swap on {', '.join(swapping)})" if swapping else ""
     if seq_len == model_seq:
-        return f"max_seq_len {seq_len}: the model card's context fits every node"
+        return f"max_seq_len {seq_len}: the model card's context fits every node{note}"
     slice_nodes = [n for n in draft.nodes if n.role != ROLE_COORDINATOR]
     worst: Optional[Tuple[int, "NodeSlice", MemoryNeed]] = None
     for node in slice_nodes:
@@ -95,11 +97,12 @@ def seq_len_reason(planner: "Planner", draft: "Draft", seq_len: int) -> str:
         if worst is None or deficit > worst[0]:
             worst = (deficit, node, full)
     if worst is None or worst[0] <= 0:
-        return f"max_seq_len {seq_len} (model card {model_seq}): the slices do not fit at {model_seq} tokens"
+        return (f"max_seq_len {seq_len} (model card {model_seq}): the slices do not fit at {model_seq} "
+                f"tokens{note}")
     _, node, full = worst
     return (f"max_seq_len {seq_len} (model card {model_seq}): the KV cache of {model_seq} tokens would "
             f"need {needs(full.kv_cache)} on node {node.node_id}, which has "
-            f"{have(node.memory.available)} available")
+            f"{have(node.memory.available)} available{note}")
 
 
 def plan_error(planner: "Planner", shortfall: "Shortfall", seq_len: int) -> "PlanError":

@@ -32,12 +32,6 @@ F16 = quants.GGML_F16
 Q4_0 = quants.GGML_Q4_0
 Q8_0 = quants.GGML_Q8_0
 
-# GGML type ids -> names, for tables, messages and JSON.
-GGML_TYPE_NAMES = {
-    0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0", 9: "q8_1",
-    10: "q2_k", 11: "q3_k", 12: "q4_k", 13: "q5_k", 14: "q6_k", 15: "q8_k", 20: "iq4_nl",
-    23: "iq4_xs", 30: "bf16",
-}
 KERNEL_TYPES = (F32, F16, Q4_0, Q8_0)
 QUANTIZED_TYPES = (Q4_0, Q8_0)
 
@@ -45,7 +39,9 @@ LAYER_GROUPS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up
 
 
 def type_name(ggml_type: int) -> str:
-    return GGML_TYPE_NAMES.get(ggml_type, f"type{ggml_type}")
+    """'q4_0', 'f16', ...: the GGML name, lower case."""
+    t = quants.GGML_TYPES.get(int(ggml_type))
+    return t.name.lower() if t is not None else f"type {int(ggml_type)}"
 
 
 def kernel_type(ggml_type: int) -> int:

@@ -21,8 +21,8 @@ Decisions a reader may look for:
   excluded with the numbers as its reason. A root that cannot becomes coordinator-only (it embeds,
   gathers logits and samples); the plan says so in its warnings.
 - Swap counts only with allow_swap, and only when RAM alone cannot hold the plan: a node whose
-  total spills into swap does not lock its memory, and the plan carries a warning. Swap never buys
-  a longer default context: max_seq_len is first chosen so that everything fits in RAM.
+  total spills into swap does not lock its memory, and the plan carries a warning. The default
+  max_seq_len is first sought in RAM alone; only when nothing fits RAM at any length does swap count.
 - Default max_seq_len: the model card's, if it fits; else the largest multiple of 256 (at least
   128) for which every node's total fits; the plan states why (seq_len_reason). Balance comes
   first: the longest context at which every slice is still in proportion to speed; only when
@@ -263,6 +263,7 @@ class Planner:
         self.weights: List[float] = []
         self.candidates: List[int] = []              # capacity indices that may hold a slice
         self.pre_excluded: List[ExcludedNode] = []
+        self.pre_warnings: List[str] = []
         for i, cap in enumerate(capacities):
             w = float(options.split[i] if options.split is not None else cap.speed)
             self.weights.append(w)
@@ -272,7 +273,10 @@ class Planner:
                     self.pre_excluded.append(ExcludedNode(
                         cap.node_id, "coordinator_only, and only the root (node index 0) coordinates"))
             elif w == 0:
-                self.pre_excluded.append(ExcludedNode(cap.node_id, f"its {what} is 0"))
+                if i == 0:      # the root stays in the plan: it embeds, gathers and samples
+                    self.pre_warnings.append(f"root {cap.node_id} only coordinates: its {what} is 0")
+                else:
+                    self.pre_excluded.append(ExcludedNode(cap.node_id, f"its {what} is 0"))
             else:
                 self.candidates.append(i)
 
@@ -292,7 +296,7 @@ class Planner:
                          set(range(SEQ_STEP, model_seq, SEQ_STEP)))
         modes = (False, True) if self.options.allow_swap else (False,)
         failure: Optional[Shortfall] = None
-        for use_swap in modes:       # RAM alone first: swap never buys a longer default context
+        for use_swap in modes:       # RAM alone first; swap only when nothing fits RAM
             for balanced in (True, False):
                 seq_len, result = self.search(lengths, lambda s: self.plan_at(s, use_swap, balanced=balanced))
                 if not isinstance(result, Shortfall):
@@ -351,7 +355,7 @@ class Planner:
         weights = self.weights + [w for _, w in extra]
         members = self.candidates + list(range(len(self.capacities), len(caps)))
         excluded = list(self.pre_excluded)
-        warnings: List[str] = []
+        warnings = list(self.pre_warnings)
         c = layout.config
 
         def budget(i: int) -> int:
@@ -364,18 +368,19 @@ class Planner:
             return self.need(counts, role or role_of(i), seq_len, n, layout)
 
         smallest = self.smallest_counts(layout)
-        root_coordinates = bool(caps[0].coordinator_only)
+        root_coordinates = 0 not in members
         too_small: List[Tuple[int, MemoryNeed]] = []
         for i in list(members):
             smallest_need = need(i, smallest, len(members))
             if budget(i) < smallest_need.total:
                 members.remove(i)
                 too_small.append((i, smallest_need))
-                excluded.append(ExcludedNode(caps[i].node_id, advice.too_small_text(
-                    caps[i].node_id, budget(i), smallest_need, seq_len, use_swap)))
+                reason = advice.too_small_text(caps[i].node_id, budget(i), smallest_need, seq_len, use_swap)
                 if i == 0:
                     root_coordinates = True
-                    warnings.append(f"root {caps[0].node_id} cannot hold a slice; it only coordinates")
+                    warnings.append(f"root {caps[0].node_id} only coordinates: it {reason}")
+                else:
+                    excluded.append(ExcludedNode(caps[i].node_id, reason))
         if not members:
             if too_small:
                 i, smallest_need = max(too_small, key=lambda t: budget(t[0]) - t[1].total)
