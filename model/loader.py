@@ -174,6 +174,7 @@ class ModelFile:
             whole_file_map = sys.maxsize > 2 ** 32
         self._whole = bool(whole_file_map)
         self._map: Optional[np.memmap] = None
+        self._tensor_maps: Dict[str, np.memmap] = {}
         self._closed = False
         if self._whole and file_size > 0:
             self._map = np.memmap(path, dtype=np.uint8, mode="r", shape=(file_size,))
@@ -196,9 +197,12 @@ class ModelFile:
             return np.empty(0, dtype=np.uint8)
         if self._map is not None:
             view = self._map[info.offset:info.offset + info.nbytes]
-        else:
-            view = np.memmap(self.path, dtype=np.uint8, mode="r", offset=info.offset,
-                             shape=(info.nbytes,))
+        else:                               # one map per tensor, made once
+            view = self._tensor_maps.get(name)
+            if view is None:
+                view = np.memmap(self.path, dtype=np.uint8, mode="r", offset=info.offset,
+                                 shape=(info.nbytes,))
+                self._tensor_maps[name] = view
         return view.view(np.ndarray)        # plain ndarray; its base keeps the map alive
 
     def kernel_type(self, name: str) -> int:
@@ -249,7 +253,7 @@ class ModelFile:
             arr = raw.view("<f2").reshape(info.shape)
         else:
             arr = raw.reshape(*info.shape[:-1], quants.row_bytes(kt, info.shape[-1]))
-        if not arr.flags.aligned:      # a .m file can put an F32 norm at an odd offset
+        if not arr.flags.aligned:      # a GGUF with general.alignment < 4 can do this
             arr = arr.copy()
         return arr, kt
 
@@ -277,6 +281,7 @@ class ModelFile:
 
     def close(self) -> None:
         self._map = None
+        self._tensor_maps.clear()
         self._closed = True
 
     def __enter__(self) -> "ModelFile":
