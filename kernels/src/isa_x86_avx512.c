@@ -24,10 +24,16 @@
 #include <immintrin.h>
 #include <string.h>
 
+#ifndef KC_GROUPS
 #define KC_GROUPS 64 /* groups (of 4 blocks) per k chunk: 8192 values */
-#define TILE_ROWS 4
+#endif
+#ifndef TILE_ROWS
+#define TILE_ROWS 4  /* register tile: rows x columns */
+#endif
+#ifndef TILE_COLS
 #define TILE_COLS 3
-#define MAX_COLS 3   /* columns repacked together (the widest tile) */
+#endif
+#define MAX_COLS 4   /* the widest tile that is instantiated */
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
@@ -145,11 +151,11 @@ ALWAYS_INLINE void load_w_group(int q4, const uint8_t *p, int nb, __m512i *lo, _
     do {                                                                                \
         __m512i wl[R], wh[R];                                                           \
         __m512 wd[R];                                                                   \
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)                             \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                             \
             load_w_group(q4, ROW_PTR(r), NB, &wl[r], &wh[r], &wd[r]);                   \
-        _Pragma("GCC unroll 4") for (int c = 0; c < C; c++) {                           \
+        _Pragma("GCC unroll 8") for (int c = 0; c < C; c++) {                           \
             const xgroup *xc = xg + c * xcs;                                            \
-            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                       \
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                       \
                 __m512i t = _mm512_dpbusd_epi32(xc->corr, wl[r], xc->lo);               \
                 t = _mm512_dpbusd_epi32(t, wh[r], xc->hi);                              \
                 acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t),                      \
@@ -164,9 +170,9 @@ ALWAYS_INLINE void tile_q(int q4, int R, int C, int64_t ng, int tail_nb, const u
                           int64_t ldw, const xgroup *x, int64_t xcs, float *y, int64_t ldy,
                           int accumulate) {
     const int64_t gbytes = q4 ? 4 * DL_Q4_0_BYTES : 4 * DL_Q8_0_BYTES;
-    __m512 acc[TILE_ROWS][MAX_COLS];
-    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
-        _Pragma("GCC unroll 4") for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
+    __m512 acc[TILE_ROWS > 4 ? TILE_ROWS : 4][MAX_COLS];
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 8") for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
     int64_t n_full = tail_nb ? ng - 1 : ng;
     const xgroup *xg = x;
     int64_t g = 0;
@@ -174,39 +180,48 @@ ALWAYS_INLINE void tile_q(int q4, int R, int C, int64_t ng, int tail_nb, const u
     for (; g < n_full; g++, xg++) TILE_STEP(R, C, FULL_ROW, 4);
     if (tail_nb) TILE_STEP(R, C, FULL_ROW, tail_nb);
 #undef FULL_ROW
-    _Pragma("GCC unroll 4") for (int c = 0; c < C; c++)
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
+    _Pragma("GCC unroll 8") for (int c = 0; c < C; c++)
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {
             float s = _mm512_reduce_add_ps(acc[r][c]);
             float *yy = y + c * ldy + r;
             *yy = accumulate ? *yy + s : s;
         }
 }
 
-#define DEFINE_TILE(Q4, R, C)                                                             \
+#define DEFINE_TILE(Q4, R, C) DEFINE_TILE_(Q4, R, C)
+#define DEFINE_TILE_(Q4, R, C)                                                            \
     static void tile_##Q4##_##R##x##C(int64_t ng, int tail_nb, const uint8_t *w,          \
                                       int64_t ldw, const xgroup *x, int64_t xcs,          \
                                       float *y, int64_t ldy, int accumulate) {            \
         tile_q(Q4, R, C, ng, tail_nb, w, ldw, x, xcs, y, ldy, accumulate);                \
     }
-DEFINE_TILE(1, 4, 3)
-DEFINE_TILE(1, 4, 2)
-DEFINE_TILE(1, 4, 1)
+DEFINE_TILE(1, TILE_ROWS, 4)
+DEFINE_TILE(1, TILE_ROWS, 3)
+DEFINE_TILE(1, TILE_ROWS, 2)
+DEFINE_TILE(1, TILE_ROWS, 1)
+DEFINE_TILE(1, 1, 4)
 DEFINE_TILE(1, 1, 3)
 DEFINE_TILE(1, 1, 2)
 DEFINE_TILE(1, 1, 1)
-DEFINE_TILE(0, 4, 3)
-DEFINE_TILE(0, 4, 2)
-DEFINE_TILE(0, 4, 1)
+DEFINE_TILE(0, TILE_ROWS, 4)
+DEFINE_TILE(0, TILE_ROWS, 3)
+DEFINE_TILE(0, TILE_ROWS, 2)
+DEFINE_TILE(0, TILE_ROWS, 1)
+DEFINE_TILE(0, 1, 4)
 DEFINE_TILE(0, 1, 3)
 DEFINE_TILE(0, 1, 2)
 DEFINE_TILE(0, 1, 1)
 
 typedef void (*tile_fn)(int64_t, int, const uint8_t *, int64_t, const xgroup *, int64_t,
                         float *, int64_t, int);
+#define TILE_NAME(Q4, R, C) TILE_NAME_(Q4, R, C)
+#define TILE_NAME_(Q4, R, C) tile_##Q4##_##R##x##C
+#define TILE_ROW(Q4, R)                                                                   \
+    { TILE_NAME(Q4, R, 1), TILE_NAME(Q4, R, 2), TILE_NAME(Q4, R, 3), TILE_NAME(Q4, R, 4) }
 /* [q4][full row tile?][columns - 1] */
 static const tile_fn TILES[2][2][MAX_COLS] = {
-    {{tile_0_1x1, tile_0_1x2, tile_0_1x3}, {tile_0_4x1, tile_0_4x2, tile_0_4x3}},
-    {{tile_1_1x1, tile_1_1x2, tile_1_1x3}, {tile_1_4x1, tile_1_4x2, tile_1_4x3}},
+    {TILE_ROW(0, 1), TILE_ROW(0, TILE_ROWS)},
+    {TILE_ROW(1, 1), TILE_ROW(1, TILE_ROWS)},
 };
 
 static void gemm_q(int q4, int64_t k, const void *w, int64_t ldw, int64_t nr, const void *x,
@@ -260,22 +275,22 @@ ALWAYS_INLINE __m512 load_w16(int f16, const uint8_t *p, int64_t i, __mmask16 m)
 ALWAYS_INLINE void tile_f(int f16, int R, int C, int64_t k, const uint8_t *w, int64_t ldw,
                           const uint8_t *x, int64_t ldx, float *y, int64_t ldy) {
     __m512 acc[FT_ROWS][FT_COLS];
-    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
-        _Pragma("GCC unroll 4") for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 8") for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i < k; i += 16) {
         __mmask16 m = k - i >= 16 ? 0xffff : (__mmask16)((1u << (k - i)) - 1);
         __m512 wv[FT_ROWS];
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
             wv[r] = load_w16(f16, w + r * ldw, i, m);
-        _Pragma("GCC unroll 4") for (int c = 0; c < C; c++) {
+        _Pragma("GCC unroll 8") for (int c = 0; c < C; c++) {
             __m512 xv = _mm512_maskz_loadu_ps(m, (const float *)(x + c * ldx) + i);
-            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
                 acc[r][c] = _mm512_fmadd_ps(wv[r], xv, acc[r][c]);
         }
     }
-    _Pragma("GCC unroll 4") for (int c = 0; c < C; c++)
-        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)
+    _Pragma("GCC unroll 8") for (int c = 0; c < C; c++)
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
             y[c * ldy + r] = _mm512_reduce_add_ps(acc[r][c]);
 }
 
