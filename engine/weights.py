@@ -10,11 +10,11 @@ Nothing here copies weights, except tensors the model file had to convert at loa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import Callable, List, Tuple
 
 import numpy as np
 
-from dllama_node.common.errors import ModelFileError
+from dllama_node.common.errors import ModelFileError, UsageError
 from dllama_node.model import quants
 from dllama_node.model.config import ModelConfig
 
@@ -91,7 +91,7 @@ class LayerWeights:
 class NodeWeights:
     config: ModelConfig
     slice: SliceSpec
-    token_embd: Weight          # (vocab_size, dim): rows are read per token, never copied whole
+    embed_rows: Callable        # token ids -> float32 (n, dim) rows of token_embd, read on demand
     layers: List[LayerWeights]
     output_norm: np.ndarray     # (dim,) float32
     output: Weight              # (n_local_vocab_rows, dim)
@@ -121,31 +121,27 @@ class NodeWeights:
                 w_up=row_slice(t(p + "ffn_up.weight"), f0, f1),
                 w_down=column_slice(t(p + "ffn_down.weight"), f0, f1),
             ))
-        embd = t("token_embd.weight")
-        output = embd if cfg.tied_embeddings else t("output.weight")
-        inv_freq = cfg.rope_inv_freq()
-        if "rope_freqs.weight" in model.tensors:
-            # Llama 3.1+ files from llama.cpp's converter carry the rope scaling as
-            # per-pair divisors of the base frequencies.
-            factors = _vector(t("rope_freqs.weight"))
-            if factors.shape != inv_freq.shape:
-                raise ModelFileError(f"tensor rope_freqs.weight: expected {inv_freq.shape[0]} values "
-                                     f"(head_dim / 2), found {factors.shape[0]}")
-            base = ModelConfig(**{**cfg.__dict__, "rope_scaling": None}).rope_inv_freq()
-            inv_freq = (base / factors).astype(np.float32)
-        return cls(cfg, spec, embd, layers, _vector(t("output_norm.weight")),
-                   row_slice(output, *spec.vocab_rows), inv_freq)
+        output = t("token_embd.weight") if cfg.tied_embeddings else t("output.weight")
+        rope_inv_freq = model.rope_inv_freq()
+        if rope_inv_freq.shape != (cfg.head_dim // 2,):
+            raise ModelFileError(f"tensor rope_freqs.weight: expected {cfg.head_dim // 2} values "
+                                 f"(head_dim / 2), found {rope_inv_freq.shape[0]}")
+
+        def embed_rows(tokens: np.ndarray) -> np.ndarray:
+            return model.dequantize_rows("token_embd.weight", tokens)
+
+        return cls(cfg, spec, embed_rows, layers, _vector(t("output_norm.weight")),
+                   row_slice(output, *spec.vocab_rows), rope_inv_freq)
 
     def embed(self, tokens: np.ndarray, out: np.ndarray) -> None:
-        """out[i] = the embedding row of tokens[i], as float32 (dequantized rows only)."""
-        arr, wtype = self.token_embd
-        rows = arr[np.asarray(tokens, dtype=np.int64)]
-        if wtype == quants.GGML_Q4_0:
-            out[...] = quants.dequantize_q4_0(rows)
-        elif wtype == quants.GGML_Q8_0:
-            out[...] = quants.dequantize_q8_0(rows)
-        else:
-            out[...] = rows.astype(np.float32)
+        """out[i] = the embedding row of tokens[i], float32. Only these rows are read
+        (and dequantized) from the memory map; the table is never copied whole."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        bad = tokens[(tokens < 0) | (tokens >= self.config.vocab_size)]
+        if bad.size:
+            raise UsageError(f"token id {int(bad[0])} is outside the vocabulary "
+                             f"[0, {self.config.vocab_size})")
+        out[...] = self.embed_rows(tokens)
 
     def nbytes(self) -> int:
         """Bytes of this node's slice of the weights (what it reads per token)."""

@@ -17,8 +17,11 @@ from tests.hf_models import SHAPES
 
 pytestmark = pytest.mark.reference
 
-# max |ours - reference| / max |reference| over the logits
-TOLERANCE = {"f32": 2e-5, "f16": 1e-3, "q8_0": 0.03, "q4_0": 0.03}
+# max |ours - reference| / max |reference| over the logits. F32 and F16 weights meet
+# float32 activations (measured about 1e-6); Q8_0/Q4_0 weights meet q8_0-quantized
+# activations, as in llama.cpp (measured 0.02-0.035 on these shapes).
+TOLERANCE = {"f32": 2e-5, "f16": 1e-4, "q8_0": 0.06, "q4_0": 0.06}
+MIN_COSINE = {"f32": 0.999999, "f16": 0.99999, "q8_0": 0.999, "q4_0": 0.999}
 PROMPT = [1, 17, 203, 99, 5, 42, 77, 150, 8, 260, 31]
 
 
@@ -52,8 +55,10 @@ def test_last_logits_match_transformers(hf_model, weight_type, tmp_path):
     finally:
         gguf_model.close()
     err = np.abs(logits - reference).max() / np.abs(reference).max()
+    cosine = float(logits @ reference / np.linalg.norm(logits) / np.linalg.norm(reference))
     assert logits.shape == reference.shape
     assert err < TOLERANCE[weight_type], f"{shape.name} {weight_type}: relative error {err:.2e}"
+    assert cosine > MIN_COSINE[weight_type], f"{shape.name} {weight_type}: cosine {cosine:.6f}"
 
 
 def test_greedy_tokens_match_transformers(hf_model, tmp_path):
