@@ -10,13 +10,15 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
+from dllama_node.common.errors import ModelFileError
 from dllama_node.common.units import GiB, MiB
 
 from .accounting import ROLE_COORDINATOR, ROLE_WORKER, MemoryNeed, SliceCounts
-from .layout import F16, F32, Q4_0, Q8_0, LAYER_GROUPS
+from .data import Draft, NodeCapacity, NodeSlice, PlanError, Shortfall
+from .layout import F16, F32, LAYER_GROUPS, Q4_0, Q8_0
 
 if TYPE_CHECKING:   # the planner imports this module
-    from .shard_plan import Draft, NodeSlice, PlanError, Planner, Shortfall
+    from .shard_plan import Planner
 
 SHORTER_SEQ_LENS = (128, 64, 32, 16)   # tried below the smallest multiple of 256
 
@@ -64,11 +66,13 @@ def cluster_text(kind: str, nodes: Sequence[Tuple[str, int]], seq_len: int, need
         node_id, budget = nodes[0]
         return f"node {node_id} has {have(budget)} available, the model needs {needs(need_total)} on it ({parts})"
     listed = ", ".join(f"{node_id} ({have(budget)})" for node_id, budget in nodes)
-    return (f"nodes {listed} have {have(sum(b for _, b in nodes))} available in all, the slices need at "
-            f"least {needs(need_total)} ({parts}): no node has room left for the {kind}")
+    total = sum(b for _, b in nodes)
+    but = "" if total < need_total else " but cut in whole units they do not pack into the nodes"
+    return (f"nodes {listed} have {have(total)} available in all, the slices need at least "
+            f"{needs(need_total)} ({parts}){but}: no node has room left for the {kind}")
 
 
-def node_warnings(node: "NodeSlice") -> List[str]:
+def node_warnings(node: NodeSlice) -> List[str]:
     m = node.memory
     out = []
     if m.swap_used:
@@ -81,7 +85,7 @@ def node_warnings(node: "NodeSlice") -> List[str]:
     return out
 
 
-def seq_len_reason(planner: "Planner", draft: "Draft", seq_len: int) -> str:
+def seq_len_reason(planner: "Planner", draft: Draft, seq_len: int) -> str:
     """Why the default max_seq_len is `seq_len`: the node the model card's length overflows."""
     model_seq = planner.layout.config.seq_len
     swapping = [n.node_id for n in draft.nodes if n.memory.swap_used]
@@ -89,7 +93,7 @@ def seq_len_reason(planner: "Planner", draft: "Draft", seq_len: int) -> str:
     if seq_len == model_seq:
         return f"max_seq_len {seq_len}: the model card's context fits every node{note}"
     slice_nodes = [n for n in draft.nodes if n.role != ROLE_COORDINATOR]
-    worst: Optional[Tuple[int, "NodeSlice", MemoryNeed]] = None
+    worst: Optional[Tuple[int, NodeSlice, MemoryNeed]] = None
     for node in slice_nodes:
         counts = SliceCounts(node.n_q_heads, node.n_kv_heads, node.n_ffn_rows, node.n_vocab_rows)
         full = planner.need(counts, node.role, model_seq, len(slice_nodes))
@@ -105,10 +109,8 @@ def seq_len_reason(planner: "Planner", draft: "Draft", seq_len: int) -> str:
             f"{have(node.memory.available)} available{note}")
 
 
-def plan_error(planner: "Planner", shortfall: "Shortfall", seq_len: int) -> "PlanError":
+def plan_error(planner: "Planner", shortfall: Shortfall, seq_len: int) -> PlanError:
     """One PlanError: the shortfall's sentence, then each change that alone would make it fit."""
-    from .shard_plan import PlanError, Shortfall
-
     fixes = []
     options = planner.options
 
@@ -142,8 +144,6 @@ def plan_error(planner: "Planner", shortfall: "Shortfall", seq_len: int) -> "Pla
 
 def _smallest_extra_node(planner: "Planner", seq_len: int) -> Optional[int]:
     """The least RAM (to the MiB) of one more node, as fast as the fastest, that makes it fit."""
-    from .shard_plan import NodeCapacity, Shortfall
-
     weight = max(planner.weights) if any(planner.weights) else 1.0
     c = planner.layout.config
 
@@ -167,10 +167,6 @@ def _smallest_extra_node(planner: "Planner", seq_len: int) -> Optional[int]:
 
 
 def _smaller_quantization(planner: "Planner", seq_len: int) -> Optional[str]:
-    from dllama_node.common.errors import ModelFileError
-
-    from .shard_plan import Shortfall
-
     layout = planner.layout
     types = {getattr(t, g) for t in layout.layers for g in LAYER_GROUPS} | {layout.output_type}
     if not types & {F32, F16, Q8_0}:

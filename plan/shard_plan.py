@@ -12,189 +12,50 @@ How the units are placed (apportion.py): each kind in turn -- attention, FFN, cl
 by unit to the node with the highest weight / (count + 1/2) that still has room; weights are the
 nodes' speed scores, or options.split. A node whose proportional slice does not fit takes what
 fits and the others share the rest (water-filling). Ranges follow node order: the root (node
-index 0, capacities[0]) first.
+index 0, capacities[0]) first. Attention, whose KV heads make its cost depend on where a range
+starts, tries the proportional split first, then whole KV groups, then single units counted
+at their worst case (place_attention).
 
 Decisions a reader may look for:
 - More nodes than attention units: the surplus nodes get no heads (and no KV cache) but still
   FFN and classifier rows. A node whose share rounds to no unit at all is excluded.
 - A node that cannot hold one unit of each kind (with its KV heads, buffers and reserve) is
-  excluded with the numbers as its reason. A root that cannot becomes coordinator-only (it embeds,
+  excluded with the numbers as its reason (the default max_seq_len is shortened first, to keep
+  every node in the plan, as long as that alone makes them fit). A root that cannot becomes coordinator-only (it embeds,
   gathers logits and samples); the plan says so in its warnings.
 - Swap counts only with allow_swap, and only when RAM alone cannot hold the plan: a node whose
   total spills into swap does not lock its memory, and the plan carries a warning. The default
   max_seq_len is first sought in RAM alone; only when nothing fits RAM at any length does swap count.
 - Default max_seq_len: the model card's, if it fits; else the largest multiple of 256 (at least
   128) for which every node's total fits; the plan states why (seq_len_reason). Balance comes
-  first: the longest context at which every slice is still in proportion to speed; only when
-  no such context exists (memory binds even at 128 tokens) the longest at which water-filling
-  fits. (Otherwise the KV cache would crowd the weights onto the nodes with room left, and the
-  slowest-per-unit node would set the pace.)
+  first: the longest context at which every slice is still in proportion to speed, when that is
+  at least 2048 tokens (or the model card's, if shorter); otherwise the longest at which
+  water-filling fits. (Else the KV cache would crowd the weights onto the nodes with room left,
+  and the node with the most work per unit of speed would set the pace. An explicit
+  max_seq_len always water-fills.)
 """
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from dllama_node.common.errors import MemoryPlanError, UsageError
-from dllama_node.common.units import MiB
+from dllama_node.common.errors import UsageError
 
 from . import advice
-from .accounting import (ROLE_COORDINATOR, ROLE_ROOT, ROLE_WORKER, MemoryNeed, NodeMemory, SliceCounts,
-                         memory_need, settle)
+from .accounting import (ROLE_COORDINATOR, ROLE_ROOT, ROLE_WORKER, MemoryNeed, SliceCounts, memory_need,
+                         settle)
 from .apportion import Range, apportion, kv_range, max_kv_heads, ranges_from_counts
+from .data import (DEFAULT_RESERVE_BYTES, Draft, ExcludedNode, NodeCapacity, NodeSlice, PlanError,  # noqa: F401
+                   PlanOptions, ShardPlan, Shortfall)
 from .layout import ModelLayout
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RESERVE_BYTES = 64 * MiB
 ROW_BLOCK = 32          # FFN and classifier rows go in blocks of this many
 SEQ_STEP = 256          # the default max_seq_len is a multiple of this ...
 SEQ_FLOOR = 128         # ... or this, when not even SEQ_STEP fits
-
-
-class PlanError(MemoryPlanError):
-    """The model does not fit the nodes: names the node, the numbers, and what would fit."""
-
-    def __init__(self, message: str, node_id: Optional[str] = None, needed_bytes: int = 0,
-                 available_bytes: int = 0, fixes: Sequence[str] = ()):
-        super().__init__(message)
-        self.node_id = node_id
-        self.needed_bytes = needed_bytes
-        self.available_bytes = available_bytes
-        self.fixes = tuple(fixes)
-
-
-@dataclass(frozen=True)
-class NodeCapacity:
-    """What a node reports: its memory, its cores and a relative speed score."""
-
-    node_id: str
-    available_ram_bytes: int
-    free_swap_bytes: int
-    memlock_limit_bytes: int            # -1: unlimited
-    cores: int
-    speed: float                        # e.g. tokens/s of a short kernel benchmark
-    coordinator_only: bool = False      # runs no slice (a bigger root that only coordinates)
-
-
-@dataclass(frozen=True)
-class PlanOptions:
-    max_seq_len: Optional[int] = None   # None: the largest that fits every node, <= the model's
-    allow_swap: bool = False
-    reserve_bytes: int = DEFAULT_RESERVE_BYTES   # per node
-    kv_bytes_per_value: int = 4         # f32 KV cache
-    split: Optional[Tuple[float, ...]] = None    # relative weights per capacity, overriding speed
-    batch_size: int = 1                 # tokens per forward call: activation buffers scale with it
-
-    def to_dict(self) -> dict:
-        return {"max_seq_len": self.max_seq_len, "allow_swap": self.allow_swap,
-                "reserve_bytes": self.reserve_bytes, "kv_bytes_per_value": self.kv_bytes_per_value,
-                "split": list(self.split) if self.split is not None else None,
-                "batch_size": self.batch_size}
-
-
-@dataclass(frozen=True)
-class NodeSlice:
-    """One node's part of the plan. Ranges are half-open [start, stop); (0, 0) when empty."""
-
-    node_id: str
-    node_index: int             # position in the plan; the root is 0
-    role: str                   # "root", "worker" or "coordinator"
-    weight: float               # the speed score or split weight its share followed
-    q_heads: Range
-    kv_heads: Range
-    ffn_rows: Range
-    vocab_rows: Range
-    memory: NodeMemory
-
-    @property
-    def n_q_heads(self) -> int:
-        return self.q_heads[1] - self.q_heads[0]
-
-    @property
-    def n_kv_heads(self) -> int:
-        return self.kv_heads[1] - self.kv_heads[0]
-
-    @property
-    def n_ffn_rows(self) -> int:
-        return self.ffn_rows[1] - self.ffn_rows[0]
-
-    @property
-    def n_vocab_rows(self) -> int:
-        return self.vocab_rows[1] - self.vocab_rows[0]
-
-    def to_dict(self) -> dict:
-        return {"node_id": self.node_id, "node_index": self.node_index, "role": self.role,
-                "weight": self.weight, "q_heads": list(self.q_heads), "kv_heads": list(self.kv_heads),
-                "ffn_rows": list(self.ffn_rows), "vocab_rows": list(self.vocab_rows),
-                "memory": self.memory.to_dict()}
-
-
-@dataclass(frozen=True)
-class ExcludedNode:
-    node_id: str
-    reason: str
-
-
-TOTAL_FIELDS = ("weights", "kv_cache", "buffers", "reserve", "total", "available", "swap_used", "headroom")
-
-
-@dataclass(frozen=True)
-class ShardPlan:
-    """Per-node slices and their byte accounting; printed, journaled and checked against RSS."""
-
-    layout: ModelLayout
-    options: PlanOptions
-    max_seq_len: int
-    seq_len_reason: str
-    nodes: Tuple[NodeSlice, ...]
-    excluded: Tuple[ExcludedNode, ...] = ()
-    warnings: Tuple[str, ...] = field(default=())
-
-    @property
-    def n_nodes(self) -> int:
-        return len(self.nodes)
-
-    @property
-    def slice_nodes(self) -> Tuple[NodeSlice, ...]:
-        """The nodes that hold rows (all but a coordinator-only root)."""
-        return tuple(n for n in self.nodes if n.role != ROLE_COORDINATOR)
-
-    def node(self, node_id: str) -> NodeSlice:
-        for n in self.nodes:
-            if n.node_id == node_id:
-                return n
-        raise KeyError(f"node {node_id} is not in the plan")
-
-    def totals(self) -> Dict[str, int]:
-        """Sums over the plan's nodes of each byte column."""
-        return {name: sum(getattr(n.memory, name) for n in self.nodes) for name in TOTAL_FIELDS}
-
-    def to_dict(self) -> dict:
-        return {"model": self.layout.describe(), "options": self.options.to_dict(),
-                "max_seq_len": self.max_seq_len, "seq_len_reason": self.seq_len_reason,
-                "nodes": [n.to_dict() for n in self.nodes],
-                "excluded": [{"node_id": e.node_id, "reason": e.reason} for e in self.excluded],
-                "warnings": list(self.warnings), "totals": self.totals()}
-
-
-@dataclass(frozen=True)
-class Shortfall:
-    """Why a plan at one max_seq_len failed: one sentence with its node and numbers."""
-
-    text: str
-    node_id: Optional[str]
-    needed_bytes: int
-    available_bytes: int
-
-
-@dataclass(frozen=True)
-class Draft:
-    nodes: Tuple[NodeSlice, ...]
-    excluded: Tuple[ExcludedNode, ...]
-    warnings: Tuple[str, ...]
+BALANCED_ENOUGH_SEQ = 2048   # balanced slices are preferred when they leave at least this context
 
 
 def plan_shards(layout: ModelLayout, capacities: Sequence[NodeCapacity],
@@ -296,9 +157,16 @@ class Planner:
                          set(range(SEQ_STEP, model_seq, SEQ_STEP)))
         modes = (False, True) if self.options.allow_swap else (False,)
         failure: Optional[Shortfall] = None
-        for use_swap in modes:       # RAM alone first; swap only when nothing fits RAM
-            for balanced in (True, False):
-                seq_len, result = self.search(lengths, lambda s: self.plan_at(s, use_swap, balanced=balanced))
+        enough = min(BALANCED_ENOUGH_SEQ, model_seq)
+        # RAM alone first, swap only when nothing fits RAM; every node in the plan first, leaving
+        # out the ones too small for a slice only when nothing fits with them.
+        for use_swap in modes:
+            for keep_all in (True, False):
+                balanced_len, balanced = self.search(lengths, lambda s: self.plan_at(
+                    s, use_swap, balanced=True, keep_all=keep_all))
+                if not isinstance(balanced, Shortfall) and balanced_len >= enough:
+                    return balanced_len, balanced
+                seq_len, result = self.search(lengths, lambda s: self.plan_at(s, use_swap, keep_all=keep_all))
                 if not isinstance(result, Shortfall):
                     return seq_len, result
                 failure = result
@@ -346,10 +214,11 @@ class Planner:
                            min(ROW_BLOCK, c.hidden_dim), min(ROW_BLOCK, c.vocab_size))
 
     def plan_at(self, seq_len: int, use_swap: bool, layout: Optional[ModelLayout] = None,
-                extra: Sequence[Tuple[NodeCapacity, float]] = (), balanced: bool = False
-                ) -> Union[Draft, Shortfall]:
+                extra: Sequence[Tuple[NodeCapacity, float]] = (), balanced: bool = False,
+                keep_all: bool = False) -> Union[Draft, Shortfall]:
         """Plan at one max_seq_len. `layout` and `extra` (more nodes, with weights) are what-ifs.
-        balanced: every node's slice in proportion to its weight, or a Shortfall (no water-filling)."""
+        balanced: every node's slice in proportion to its weight, or a Shortfall (no water-filling).
+        keep_all: a Shortfall rather than leaving out a node too small for a slice."""
         layout = layout or self.layout
         caps = self.capacities + [cap for cap, _ in extra]
         weights = self.weights + [w for _, w in extra]
@@ -381,6 +250,11 @@ class Planner:
                     warnings.append(f"root {caps[0].node_id} only coordinates: it {reason}")
                 else:
                     excluded.append(ExcludedNode(caps[i].node_id, reason))
+        if too_small and keep_all:
+            i, smallest_need = too_small[0]
+            return Shortfall(advice.too_small_text(caps[i].node_id, budget(i), smallest_need, seq_len,
+                                                   use_swap, subject=True),
+                             caps[i].node_id, smallest_need.total, budget(i))
         if not members:
             if too_small:
                 i, smallest_need = max(too_small, key=lambda t: budget(t[0]) - t[1].total)
@@ -402,39 +276,26 @@ class Planner:
         fixed = {i: need(i, SliceCounts(), n).total for i in members}
         ffn_block = need(members[0], SliceCounts(n_ffn_rows=ROW_BLOCK), n).total - fixed[members[0]]
         vocab_block = need(members[0], SliceCounts(n_vocab_rows=ROW_BLOCK), n).total - fixed[members[0]]
-        unit = layout.heads_per_unit
-        n_attn_units = c.n_heads // unit
-        bound_cost: Dict[Tuple[int, int], int] = {}
+        attn_cost: Dict[Tuple[int, int, int], int] = {}
 
-        def attention_bound(i: int, k: int) -> int:
-            """Cost of k attention units on node i with the most KV heads they can read."""
-            if (i, k) not in bound_cost:
-                heads = k * unit
-                counts = SliceCounts(heads, max_kv_heads(heads, c.kv_group, c.n_kv_heads))
-                bound_cost[(i, k)] = need(i, counts, n).total - fixed[i]
-            return bound_cost[(i, k)]
-
-        def attention_exact(attn: List[int]) -> List[int]:
-            """Cost of each node's attention units with the KV heads its range really reads."""
-            costs = []
-            for j, q in enumerate(ranges_from_counts(attn, unit, c.n_heads)):
-                kv = kv_range(q, c.kv_group)
-                counts = SliceCounts(q[1] - q[0], kv[1] - kv[0])
-                costs.append(need(members[j], counts, n).total - fixed[members[j]])
-            return costs
+        def attention(j: int, heads: int, kv_heads: int) -> int:
+            """Bytes of `heads` query heads reading `kv_heads` KV heads on member j."""
+            if (j, heads, kv_heads) not in attn_cost:
+                i = members[j]
+                attn_cost[(j, heads, kv_heads)] = need(i, SliceCounts(heads, kv_heads), n).total - fixed[i]
+            return attn_cost[(j, heads, kv_heads)]
 
         w = [weights[i] for i in members]
         room = [budget(i) - fixed[i] for i in members]
         if balanced:
             room = [math.inf] * n
-        # Attention: the proportional split if it fits as cut; else unit by unit, each node
-        # counted with the most KV heads its range could read (its range is not known yet).
-        attn = apportion(n_attn_units, w, lambda j, k: True)
-        if any(cost > r for cost, r in zip(attention_exact(attn), room)):
-            attn = apportion(n_attn_units, w, lambda j, k: attention_bound(members[j], k + 1) <= room[j])
-            if attn is None:
-                return self._cluster_shortfall(layout, caps, members, budget, seq_len, n, "attention heads")
-        room = [r - cost for r, cost in zip(room, attention_exact(attn))]
+        attn = place_attention(layout, w, room, attention)
+        if attn is None:
+            return self._cluster_shortfall(layout, caps, members, budget, seq_len, n, "attention heads")
+        q_ranges = ranges_from_counts(attn, 1, c.n_heads)
+        kv_ranges = [kv_range(q, c.kv_group) for q in q_ranges]
+        room = [room[j] - attention(j, q[1] - q[0], kv[1] - kv[0])
+                for j, (q, kv) in enumerate(zip(q_ranges, kv_ranges))]
         n_ffn_blocks = -(-c.hidden_dim // ROW_BLOCK)
         ffn = apportion(n_ffn_blocks, w, lambda j, k: (k + 1) * ffn_block <= room[j])
         if ffn is None:
@@ -452,7 +313,7 @@ class Planner:
                     f"its weight {w[j]:g} of {sum(w):g} rounds to no unit of any kind")))
         members = [members[j] for j in keep]
         attn, ffn, vocab = ([counts[j] for j in keep] for counts in (attn, ffn, vocab))
-        q_ranges = ranges_from_counts(attn, unit, c.n_heads)
+        q_ranges = ranges_from_counts(attn, 1, c.n_heads)
         ffn_ranges = ranges_from_counts(ffn, ROW_BLOCK, c.hidden_dim)
         vocab_ranges = ranges_from_counts(vocab, ROW_BLOCK, c.vocab_size)
 
@@ -495,3 +356,35 @@ class Planner:
                                    need_total, weights, whole.kv_cache)
         return Shortfall(text, caps[min(members, key=budget)].node_id, need_total,
                          sum(budget(i) for i in members))
+
+
+def place_attention(layout: ModelLayout, weights: Sequence[float], room: Sequence[float],
+                    cost: Callable[[int, int, int], int]) -> Optional[List[int]]:
+    """Query heads per node (multiples of layout.heads_per_unit, summing to n_heads), or None.
+
+    cost(j, n_heads, n_kv_heads): bytes node j needs for that many query and KV heads; room[j]:
+    what node j has for them. Tried in order: the split in proportion to weight, if it fits as
+    cut; else whole KV groups, unit by unit (no KV head held twice); else head units, each node
+    counted with the most KV heads its range could read (where it starts is not known yet)."""
+    c = layout.config
+    unit, group = layout.heads_per_unit, c.kv_group
+
+    def fits(heads: List[int]) -> bool:
+        for j, q in enumerate(ranges_from_counts(heads, 1, c.n_heads)):
+            kv = kv_range(q, group)
+            if cost(j, q[1] - q[0], kv[1] - kv[0]) > room[j]:
+                return False
+        return True
+
+    counts = apportion(c.n_heads // unit, weights, lambda j, k: True)
+    assert counts is not None
+    if fits([k * unit for k in counts]):
+        return [k * unit for k in counts]
+    whole = unit * group // math.gcd(unit, group)      # heads in a whole number of units and groups
+    counts = apportion(c.n_heads // whole, weights,
+                       lambda j, k: cost(j, (k + 1) * whole, (k + 1) * whole // group) <= room[j])
+    if counts is not None:
+        return [k * whole for k in counts]
+    counts = apportion(c.n_heads // unit, weights, lambda j, k: cost(
+        j, (k + 1) * unit, max_kv_heads((k + 1) * unit, group, c.n_kv_heads)) <= room[j])
+    return None if counts is None else [k * unit for k in counts]

@@ -10,7 +10,7 @@ from typing import List, Sequence
 
 from dllama_node.common.units import MiB
 
-from .shard_plan import NodeSlice, ShardPlan
+from .data import NodeSlice, ShardPlan
 
 HEADERS = ("node", "role", "q heads", "kv heads", "ffn rows", "vocab rows", "weights", "KV cache",
            "buffers", "reserve", "total", "available", "swap", "headroom", "locked")

@@ -12,7 +12,6 @@ import pytest
 
 from dllama_node.common.errors import MemoryPlanError, ModelFileError, UsageError
 from dllama_node.common.units import GiB, MiB
-from dllama_node.model import quants
 from dllama_node.model.config import ModelConfig
 from dllama_node.plan import (ModelLayout, NodeCapacity, PlanError, PlanOptions, SliceCounts, format_plan,
                               memory_need, plan_shards)
@@ -207,6 +206,19 @@ def test_a_node_ten_times_faster_gets_ten_times_the_rows():
     assert abs(fast.n_vocab_rows / slow.n_vocab_rows - 10) < 0.1
 
 
+def test_when_kv_heads_are_dear_attention_is_cut_at_whole_kv_groups():
+    """At 131072 tokens one KV head's cache is 1 GiB: split by speed (8 heads on the first node
+    would read 2-3 KV heads), or head by head at the worst case, it does not fit; in whole groups
+    of 4 query heads nobody holds a KV head twice, and it does."""
+    rams = [1.5, 2, 2.5, 3, 3.5, 4]
+    caps = [node(f"n{i}", ram * GiB, speed=s) for i, (ram, s) in enumerate(zip(rams, [3, 1, 2, 3, 1, 2]))]
+    plan = plan_shards(ModelLayout.uniform(LLAMA32_1B), caps, PlanOptions(max_seq_len=131072))
+    assert_well_formed(plan)
+    assert all(s.q_heads[0] % 4 == 0 and s.n_q_heads % 4 == 0 for s in plan.nodes)
+    assert sum(s.n_kv_heads for s in plan.nodes) == 8
+    assert sum(s.memory.kv_cache for s in plan.nodes) == 8 * GiB
+
+
 @pytest.mark.parametrize("n_heads,n_kv_heads", [(12, 4), (20, 4), (20, 20), (12, 3)])
 def test_head_counts_that_are_not_powers_of_two(n_heads, n_kv_heads):
     config = ModelConfig("llama", dim=n_heads * 64, hidden_dim=3456, n_layers=4, n_heads=n_heads,
@@ -320,6 +332,27 @@ def test_default_max_seq_len_fits_the_cluster_not_the_model_card():
                         r"4\.0 GiB on node b[12], which has 1\.0 GiB available", plan.seq_len_reason)
     kv_per_token = 2 * 16 * 4 * 64 * 4               # 4 of 8 KV heads each
     assert plan.nodes[0].memory.kv_cache == seq * kv_per_token
+
+
+def test_default_max_seq_len_keeps_slices_balanced_when_that_leaves_2048_tokens():
+    layout = ModelLayout.uniform(LLAMA32_1B)
+    caps = [node("small", 1 * GiB), node("big", 16 * GiB)]
+    plan = plan_shards(layout, caps)
+    assert 2048 <= plan.max_seq_len < 131072
+    assert plan.nodes[0].n_ffn_rows == plan.nodes[1].n_ffn_rows            # in proportion to speed
+    # the model card's context fits too, if the big node does most of the work: asked for, it is
+    long = plan_shards(layout, caps, PlanOptions(max_seq_len=131072))
+    assert_well_formed(long)
+    assert long.node("small").n_ffn_rows < long.node("big").n_ffn_rows
+
+
+def test_default_max_seq_len_water_fills_when_balance_would_leave_under_2048_tokens():
+    caps = [node("a", 520 * MiB, speed=3.0), node("b", 8 * GiB)]
+    plan = plan_shards(tiny(), caps)                    # balanced slices fit only 1536 tokens
+    assert plan.max_seq_len == 2048
+    assert plan.node("a").n_ffn_rows < 132 * 32 and plan.node("a").memory.headroom < MiB
+    roomy = plan_shards(tiny(), [node("a", 560 * MiB, speed=3.0), node("b", 8 * GiB)])
+    assert roomy.max_seq_len == 2048 and roomy.node("a").n_ffn_rows == 132 * 32     # 176 * 3/4
 
 
 def test_default_max_seq_len_is_the_model_cards_when_it_fits():
