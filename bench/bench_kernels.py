@@ -10,6 +10,7 @@ Lines, for each path and thread count:
   gemm     q4_0 weights x 128 q8_0 tokens (a prompt batch): GOP/s, 2 ops per multiply-add.
   quantize q8_0 quantization of 128 x 2048 floats: GB/s of floats read.
 The numpy line runs the same shapes in float32 through numpy's BLAS (its own threads).
+Each figure is the best of repeated calls (see timeit).
 TinyLlama shapes: rows 5632 x k 2048 (W1/W3) and rows 2048 x k 5632 (W2).
 A full run takes well under a minute.
 """
@@ -29,7 +30,8 @@ COLD_COPIES = 8
 
 
 def timeit(fn, min_time_s: float) -> float:
-    """Median seconds per call over at least 3 calls and min_time_s in all."""
+    """Best seconds per call over at least 3 calls and min_time_s in all: the best, not
+    the median, because other processes on a shared machine only ever add time."""
     fn()  # warm up (page faults, thread pool start)
     times = []
     start = time.perf_counter()
@@ -39,7 +41,7 @@ def timeit(fn, min_time_s: float) -> float:
         times.append(time.perf_counter() - t0)
         if len(times) >= 3 and sum(times) > 4 * min_time_s:
             break
-    return float(np.median(times))
+    return min(times)
 
 
 def make_q4(rows: int, k: int, rng) -> np.ndarray:

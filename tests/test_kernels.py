@@ -81,7 +81,8 @@ def special_blocks() -> np.ndarray:
     return b.reshape(1, -1)
 
 
-@pytest.mark.parametrize("n,k", [(1, 32), (3, 96), (5, 2080), (2, 32 * 67)])
+# (67, 4160) is big enough for the driver to use every thread asked for
+@pytest.mark.parametrize("n,k", [(1, 32), (3, 96), (5, 2080), (2, 32 * 67), (67, 4160)])
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
 def test_quantize_q8_0_bit_exact(path, n, k, n_threads):
     x = (rng_for(n, k).standard_normal((n, k)) * 3).astype(np.float32)
@@ -267,12 +268,14 @@ def test_softmax_and_silu_mul(path):
     assert_close(got, want.astype(np.float64), "silu_mul")
 
 
-@pytest.mark.parametrize("n,start_pos,n_threads", [(1, 0, 1), (1, 40, 2), (7, 0, 3), (5, 19, 2)])
+# small calls run on one thread whatever is asked; (16, 300) is big enough for 2 or 3
+@pytest.mark.parametrize("n,start_pos,n_threads", [
+    (1, 0, 1), (1, 40, 2), (7, 0, 3), (5, 19, 2), (16, 300, 3), (1, 900, 2)])
 @pytest.mark.parametrize("kv_group,q_head0,kv_head0", [(1, 0, 0), (4, 0, 0), (4, 4, 1)])
 def test_attention(path, n, start_pos, n_threads, kv_group, q_head0, kv_head0):
     """GQA (kv_group 4), a node's head slice (q_head0 4 -> global KV head 1, stored as
     local KV head 0), start_pos > 0, prompt batches."""
-    head_dim, n_heads, seq_len = 24, 8, 64
+    head_dim, n_heads, seq_len = 24, 8, start_pos + n + 5
     n_kv = (q_head0 + n_heads - 1) // kv_group - kv_head0 + 1
     rng = rng_for("att", n, start_pos, kv_group)
     q = rng.standard_normal((n, n_heads * head_dim)).astype(np.float32)

@@ -7,6 +7,9 @@
  *   walks blocks of DL_ROW_BLOCK rows (their weights stay in L2) and, for each, tiles
  *   of DL_COL_TILE columns; the ISA's gemm does the register tiling inside a tile.
  * dl_quantize_rows_q8_0: rows split between threads the same way.
+ * Small calls use fewer threads than asked: each thread gets at least
+ * DL_MIN_WORK_PER_THREAD multiply-adds (values, for quantization), since waking a
+ * thread costs microseconds; this never changes a result's bits.
  *
  * Portable C (no intrinsics, no Python); without -fopenmp it runs on one thread.
  */
@@ -17,9 +20,15 @@
 #endif
 
 #define DL_ROW_TILE 4    /* rows: a thread's range is a multiple of this */
+#ifndef DL_ROW_BLOCK
 #define DL_ROW_BLOCK 64  /* rows per cache block when there are many columns */
+#endif
+#ifndef DL_COL_TILE
 #define DL_COL_TILE 64   /* columns per call into the ISA when there are many */
+#endif
 #define DL_FEW_COLS 8    /* up to this many columns: one call per thread (decode) */
+/* Multiply-adds a thread must get before waking it is worth its few microseconds. */
+#define DL_MIN_WORK_PER_THREAD 65536
 
 /* Thread t's rows [*r0, *r1) of nr rows split between nt threads. */
 static void split_rows(int64_t nr, int t, int nt, int64_t *r0, int64_t *r1) {
@@ -65,12 +74,16 @@ int dl_matmul(const dl_isa *isa, int type, int64_t k,
     if (gemm == NULL) return -1;
     if (nr <= 0 || nc <= 0) return 0;
     const uint8_t *wb = (const uint8_t *)w, *xb = (const uint8_t *)x;
+    int64_t useful = nr * nc * (k > 0 ? k : 1) / DL_MIN_WORK_PER_THREAD;
+    if (n_threads > useful) n_threads = useful > 1 ? (int)useful : 1;
     if (n_threads > nr) n_threads = (int)nr;
     if (n_threads <= 1) {
         gemm_rows(gemm, k, wb, ldw, 0, nr, xb, ldx, nc, y, ldy);
         return 0;
     }
+#ifdef _OPENMP
 #pragma omp parallel num_threads(n_threads)
+#endif
     {
         int t = 0, nt = 1;
 #ifdef _OPENMP
@@ -88,12 +101,16 @@ void dl_quantize_rows_q8_0(const dl_isa *isa, const float *x, int64_t ldx,
                            void *y, int64_t ldy, int64_t n, int64_t k, int n_threads) {
     if (n <= 0 || k <= 0) return;
     uint8_t *yb = (uint8_t *)y;
+    int64_t useful = n * k / DL_MIN_WORK_PER_THREAD;
+    if (n_threads > useful) n_threads = useful > 1 ? (int)useful : 1;
     if (n_threads > n) n_threads = (int)n;
     if (n_threads <= 1) {
         for (int64_t i = 0; i < n; i++) isa->quantize_q8_0(x + i * ldx, yb + i * ldy, k);
         return;
     }
+#ifdef _OPENMP
 #pragma omp parallel num_threads(n_threads)
+#endif
     {
         int t = 0, nt = 1;
 #ifdef _OPENMP

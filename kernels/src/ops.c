@@ -98,9 +98,14 @@ void dl_attention_f32(const float *q, int64_t ldq, int64_t n, int64_t start_pos,
     const float scale = 1.0f / sqrtf((float)head_dim);
     const int64_t n_items = n_heads * n; /* (head, token) pairs, head-major */
     if (n_items <= 0) return;
+    /* a thread only pays for its wake-up with enough multiply-adds (2 per cached value) */
+    int64_t useful = n_items * (start_pos + n) * head_dim * 2 / 65536;
+    if (n_threads > useful) n_threads = useful > 1 ? (int)useful : 1;
     if (n_threads > n_items) n_threads = (int)n_items;
     if (n_threads < 1) n_threads = 1;
+#ifdef _OPENMP
 #pragma omp parallel num_threads(n_threads) if (n_threads > 1)
+#endif
     {
         int t = 0, nt = 1;
 #ifdef _OPENMP
