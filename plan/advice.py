@@ -64,7 +64,8 @@ def cluster_text(kind: str, nodes: Sequence[Tuple[str, int]], seq_len: int, need
              f"buffers and reserve {needs(need_total - weights - kv_cache)}")
     if len(nodes) == 1:
         node_id, budget = nodes[0]
-        return f"node {node_id} has {have(budget)} available, the model needs {needs(need_total)} on it ({parts})"
+        return (f"node {node_id} has {have(budget)} available, the model needs {needs(need_total)} "
+                f"on it ({parts})")
     listed = ", ".join(f"{node_id} ({have(budget)})" for node_id, budget in nodes)
     total = sum(b for _, b in nodes)
     but = "" if total < need_total else " but cut in whole units they do not pack into the nodes"

@@ -21,11 +21,12 @@ Decisions a reader may look for:
   FFN and classifier rows. A node whose share rounds to no unit at all is excluded.
 - A node that cannot hold one unit of each kind (with its KV heads, buffers and reserve) is
   excluded with the numbers as its reason (the default max_seq_len is shortened first, to keep
-  every node in the plan, as long as that alone makes them fit). A root that cannot becomes coordinator-only (it embeds,
-  gathers logits and samples); the plan says so in its warnings.
+  every node in the plan, as long as that alone makes them fit). A root that cannot becomes
+  coordinator-only (it embeds, gathers logits and samples); the plan says so in its warnings.
 - Swap counts only with allow_swap, and only when RAM alone cannot hold the plan: a node whose
   total spills into swap does not lock its memory, and the plan carries a warning. The default
-  max_seq_len is first sought in RAM alone; only when nothing fits RAM at any length does swap count.
+  max_seq_len is first sought in RAM alone; only when nothing fits RAM at any length does swap
+  count.
 - Default max_seq_len: the model card's, if it fits; else the largest multiple of 256 (at least
   128) for which every node's total fits; the plan states why (seq_len_reason). Balance comes
   first: the longest context at which every slice is still in proportion to speed, when that is
@@ -46,8 +47,8 @@ from . import advice
 from .accounting import (ROLE_COORDINATOR, ROLE_ROOT, ROLE_WORKER, MemoryNeed, SliceCounts, memory_need,
                          settle)
 from .apportion import Range, apportion, kv_range, max_kv_heads, ranges_from_counts
-from .data import (DEFAULT_RESERVE_BYTES, Draft, ExcludedNode, NodeCapacity, NodeSlice, PlanError,  # noqa: F401
-                   PlanOptions, ShardPlan, Shortfall)
+from .data import (DEFAULT_RESERVE_BYTES, Draft, ExcludedNode, NodeCapacity,  # noqa: F401 (re-exported)
+                   NodeSlice, PlanError, PlanOptions, ShardPlan, Shortfall)
 from .layout import ModelLayout
 
 log = logging.getLogger(__name__)
@@ -202,11 +203,8 @@ class Planner:
                            n_slice_nodes=n_slice_nodes, kv_bytes_per_value=o.kv_bytes_per_value,
                            reserve_bytes=o.reserve_bytes, batch_size=o.batch_size)
 
-    def budget(self, i: int, use_swap: bool) -> int:
-        cap = self.capacities[i]
-        return int(cap.available_ram_bytes) + (int(cap.free_swap_bytes) if use_swap else 0)
-
     def smallest_counts(self, layout: Optional[ModelLayout] = None) -> SliceCounts:
+        """One unit of each kind, with the most KV heads one attention unit can read."""
         layout = layout or self.layout
         c = layout.config
         unit = layout.heads_per_unit
@@ -219,143 +217,169 @@ class Planner:
         """Plan at one max_seq_len. `layout` and `extra` (more nodes, with weights) are what-ifs.
         balanced: every node's slice in proportion to its weight, or a Shortfall (no water-filling).
         keep_all: a Shortfall rather than leaving out a node too small for a slice."""
-        layout = layout or self.layout
-        caps = self.capacities + [cap for cap, _ in extra]
-        weights = self.weights + [w for _, w in extra]
-        members = self.candidates + list(range(len(self.capacities), len(caps)))
-        excluded = list(self.pre_excluded)
-        warnings = list(self.pre_warnings)
-        c = layout.config
+        attempt = _Attempt(self, layout or self.layout, seq_len, use_swap, extra)
+        admitted = attempt.admit(keep_all)
+        if isinstance(admitted, Shortfall):
+            return admitted
+        counts = attempt.place(balanced)
+        if isinstance(counts, Shortfall):
+            return counts
+        return attempt.draft(*counts, balanced=balanced)
 
-        def budget(i: int) -> int:
-            return int(caps[i].available_ram_bytes) + (int(caps[i].free_swap_bytes) if use_swap else 0)
 
-        def role_of(i: int) -> str:
-            return ROLE_ROOT if i == 0 else ROLE_WORKER
+class _Attempt:
+    """One try at a plan: fixed max_seq_len, layout, nodes and swap rule. Three steps: admit the
+    nodes that can hold a slice, place the units, write down each node's slice and bytes."""
 
-        def need(i: int, counts: SliceCounts, n: int, role: Optional[str] = None) -> MemoryNeed:
-            return self.need(counts, role or role_of(i), seq_len, n, layout)
+    def __init__(self, planner: Planner, layout: ModelLayout, seq_len: int, use_swap: bool,
+                 extra: Sequence[Tuple[NodeCapacity, float]]):
+        self.planner = planner
+        self.layout = layout
+        self.config = layout.config
+        self.seq_len = seq_len
+        self.use_swap = use_swap
+        self.caps = planner.capacities + [cap for cap, _ in extra]
+        self.weights = planner.weights + [w for _, w in extra]
+        self.members = planner.candidates + list(range(len(planner.capacities), len(self.caps)))
+        self.excluded = list(planner.pre_excluded)
+        self.warnings = list(planner.pre_warnings)
+        self.root_coordinates = 0 not in self.members
 
-        smallest = self.smallest_counts(layout)
-        root_coordinates = 0 not in members
+    def budget(self, i: int) -> int:
+        cap = self.caps[i]
+        return int(cap.available_ram_bytes) + (int(cap.free_swap_bytes) if self.use_swap else 0)
+
+    def need(self, i: int, counts: SliceCounts, role: Optional[str] = None,
+             n_slice_nodes: Optional[int] = None) -> MemoryNeed:
+        role = role or (ROLE_ROOT if i == 0 else ROLE_WORKER)
+        n = len(self.members) if n_slice_nodes is None else n_slice_nodes
+        return self.planner.need(counts, role, self.seq_len, n, self.layout)
+
+    def too_small(self, i: int, need: MemoryNeed) -> Shortfall:
+        node_id = self.caps[i].node_id
+        return Shortfall(advice.too_small_text(node_id, self.budget(i), need, self.seq_len, self.use_swap,
+                                               subject=True), node_id, need.total, self.budget(i))
+
+    def admit(self, keep_all: bool) -> Optional[Shortfall]:
+        """Leave out the nodes that cannot hold one unit of each kind (a root only coordinates)."""
+        smallest = self.planner.smallest_counts(self.layout)
         too_small: List[Tuple[int, MemoryNeed]] = []
-        for i in list(members):
-            smallest_need = need(i, smallest, len(members))
-            if budget(i) < smallest_need.total:
-                members.remove(i)
-                too_small.append((i, smallest_need))
-                reason = advice.too_small_text(caps[i].node_id, budget(i), smallest_need, seq_len, use_swap)
+        for i in list(self.members):
+            need = self.need(i, smallest)
+            if self.budget(i) < need.total:
+                self.members.remove(i)
+                too_small.append((i, need))
+                reason = advice.too_small_text(self.caps[i].node_id, self.budget(i), need, self.seq_len,
+                                               self.use_swap)
                 if i == 0:
-                    root_coordinates = True
-                    warnings.append(f"root {caps[0].node_id} only coordinates: it {reason}")
+                    self.root_coordinates = True
+                    self.warnings.append(f"root {self.caps[0].node_id} only coordinates: it {reason}")
                 else:
-                    excluded.append(ExcludedNode(caps[i].node_id, reason))
+                    self.excluded.append(ExcludedNode(self.caps[i].node_id, reason))
         if too_small and keep_all:
-            i, smallest_need = too_small[0]
-            return Shortfall(advice.too_small_text(caps[i].node_id, budget(i), smallest_need, seq_len,
-                                                   use_swap, subject=True),
-                             caps[i].node_id, smallest_need.total, budget(i))
-        if not members:
+            return self.too_small(*too_small[0])
+        if not self.members:
             if too_small:
-                i, smallest_need = max(too_small, key=lambda t: budget(t[0]) - t[1].total)
-                return Shortfall(advice.too_small_text(caps[i].node_id, budget(i), smallest_need, seq_len,
-                                                       use_swap, subject=True),
-                                 caps[i].node_id, smallest_need.total, budget(i))
+                return self.too_small(*max(too_small, key=lambda t: self.budget(t[0]) - t[1].total))
             return Shortfall("no node may hold a slice: " + "; ".join(
-                f"{e.node_id}: {e.reason}" for e in excluded), None, 0, 0)
+                f"{e.node_id}: {e.reason}" for e in self.excluded), None, 0, 0)
+        if self.root_coordinates:
+            need = self.need(0, SliceCounts(), ROLE_COORDINATOR)
+            if self.budget(0) < need.total:
+                return Shortfall(advice.coordinator_text(self.caps[0].node_id, self.budget(0), need),
+                                 self.caps[0].node_id, need.total, self.budget(0))
+        return None
 
-        n = len(members)
-        if root_coordinates:
-            coordinator_need = need(0, SliceCounts(), n, ROLE_COORDINATOR)
-            if budget(0) < coordinator_need.total:
-                return Shortfall(advice.coordinator_text(caps[0].node_id, budget(0), coordinator_need),
-                                 caps[0].node_id, coordinator_need.total, budget(0))
-
-        # Cost of each unit kind on each node, from the accounting itself (it is linear in
-        # FFN and classifier blocks; attention steps with the KV heads a head range may read).
-        fixed = {i: need(i, SliceCounts(), n).total for i in members}
-        ffn_block = need(members[0], SliceCounts(n_ffn_rows=ROW_BLOCK), n).total - fixed[members[0]]
-        vocab_block = need(members[0], SliceCounts(n_vocab_rows=ROW_BLOCK), n).total - fixed[members[0]]
+    def place(self, balanced: bool) -> Union[Tuple[List[int], List[int], List[int]], Shortfall]:
+        """Query heads, FFN blocks and classifier blocks per member, in member order."""
+        c, members, n = self.config, self.members, len(self.members)
+        # Costs come from the accounting itself: it is linear in FFN and classifier blocks, and
+        # attention steps with the KV heads a head range reads.
+        fixed = [self.need(i, SliceCounts()).total for i in members]
+        ffn_block = self.need(members[0], SliceCounts(n_ffn_rows=ROW_BLOCK)).total - fixed[0]
+        vocab_block = self.need(members[0], SliceCounts(n_vocab_rows=ROW_BLOCK)).total - fixed[0]
         attn_cost: Dict[Tuple[int, int, int], int] = {}
 
         def attention(j: int, heads: int, kv_heads: int) -> int:
             """Bytes of `heads` query heads reading `kv_heads` KV heads on member j."""
             if (j, heads, kv_heads) not in attn_cost:
-                i = members[j]
-                attn_cost[(j, heads, kv_heads)] = need(i, SliceCounts(heads, kv_heads), n).total - fixed[i]
+                need = self.need(members[j], SliceCounts(heads, kv_heads))
+                attn_cost[(j, heads, kv_heads)] = need.total - fixed[j]
             return attn_cost[(j, heads, kv_heads)]
 
-        w = [weights[i] for i in members]
-        room = [budget(i) - fixed[i] for i in members]
-        if balanced:
-            room = [math.inf] * n
-        attn = place_attention(layout, w, room, attention)
+        w = [self.weights[i] for i in members]
+        room = [math.inf] * n if balanced else [self.budget(i) - f for i, f in zip(members, fixed)]
+        attn = place_attention(self.layout, w, room, attention)
         if attn is None:
-            return self._cluster_shortfall(layout, caps, members, budget, seq_len, n, "attention heads")
-        q_ranges = ranges_from_counts(attn, 1, c.n_heads)
-        kv_ranges = [kv_range(q, c.kv_group) for q in q_ranges]
-        room = [room[j] - attention(j, q[1] - q[0], kv[1] - kv[0])
-                for j, (q, kv) in enumerate(zip(q_ranges, kv_ranges))]
-        n_ffn_blocks = -(-c.hidden_dim // ROW_BLOCK)
-        ffn = apportion(n_ffn_blocks, w, lambda j, k: (k + 1) * ffn_block <= room[j])
+            return self.cluster_shortfall("attention heads")
+        for j, q in enumerate(ranges_from_counts(attn, 1, c.n_heads)):
+            kv = kv_range(q, c.kv_group)
+            room[j] -= attention(j, q[1] - q[0], kv[1] - kv[0])
+        ffn = apportion(-(-c.hidden_dim // ROW_BLOCK), w, lambda j, k: (k + 1) * ffn_block <= room[j])
         if ffn is None:
-            return self._cluster_shortfall(layout, caps, members, budget, seq_len, n, "FFN rows")
-        room = [room[j] - ffn[j] * ffn_block for j in range(n)]
-        n_vocab_blocks = -(-c.vocab_size // ROW_BLOCK)
-        vocab = apportion(n_vocab_blocks, w, lambda j, k: (k + 1) * vocab_block <= room[j])
+            return self.cluster_shortfall("FFN rows")
+        room = [r - k * ffn_block for r, k in zip(room, ffn)]
+        vocab = apportion(-(-c.vocab_size // ROW_BLOCK), w, lambda j, k: (k + 1) * vocab_block <= room[j])
         if vocab is None:
-            return self._cluster_shortfall(layout, caps, members, budget, seq_len, n, "classifier rows")
+            return self.cluster_shortfall("classifier rows")
+        return attn, ffn, vocab
 
-        keep = [j for j in range(n) if members[j] == 0 or attn[j] + ffn[j] + vocab[j] > 0]
-        for j in range(n):
+    def draft(self, attn: List[int], ffn: List[int], vocab: List[int],
+              balanced: bool) -> Union[Draft, Shortfall]:
+        """Ranges from the counts, and each node's bytes met with its memory."""
+        c = self.config
+        keep = [j for j, i in enumerate(self.members) if i == 0 or attn[j] + ffn[j] + vocab[j] > 0]
+        total_weight = sum(self.weights[i] for i in self.members)
+        for j, i in enumerate(self.members):
             if j not in keep:
-                excluded.append(ExcludedNode(caps[members[j]].node_id, (
-                    f"its weight {w[j]:g} of {sum(w):g} rounds to no unit of any kind")))
-        members = [members[j] for j in keep]
-        attn, ffn, vocab = ([counts[j] for j in keep] for counts in (attn, ffn, vocab))
-        q_ranges = ranges_from_counts(attn, 1, c.n_heads)
-        ffn_ranges = ranges_from_counts(ffn, ROW_BLOCK, c.hidden_dim)
-        vocab_ranges = ranges_from_counts(vocab, ROW_BLOCK, c.vocab_size)
-
+                self.excluded.append(ExcludedNode(self.caps[i].node_id, (
+                    f"its weight {self.weights[i]:g} of {total_weight:g} rounds to no unit of any kind")))
+        members = [self.members[j] for j in keep]
+        q_ranges = ranges_from_counts([attn[j] for j in keep], 1, c.n_heads)
+        ffn_ranges = ranges_from_counts([ffn[j] for j in keep], ROW_BLOCK, c.hidden_dim)
+        vocab_ranges = ranges_from_counts([vocab[j] for j in keep], ROW_BLOCK, c.vocab_size)
+        n = len(members)
         nodes: List[NodeSlice] = []
-        if root_coordinates:
-            nodes.append(self._slice(caps[0], 0, ROLE_COORDINATOR, 0.0, (0, 0), (0, 0), (0, 0), (0, 0),
-                                     need(0, SliceCounts(), len(members), ROLE_COORDINATOR), use_swap))
-        for j, i in enumerate(members):
-            kv = kv_range(q_ranges[j], c.kv_group)
-            counts = SliceCounts(q_ranges[j][1] - q_ranges[j][0], kv[1] - kv[0],
-                                 ffn_ranges[j][1] - ffn_ranges[j][0], vocab_ranges[j][1] - vocab_ranges[j][0])
-            nodes.append(self._slice(caps[i], len(nodes), role_of(i), weights[i], q_ranges[j], kv,
-                                     ffn_ranges[j], vocab_ranges[j], need(i, counts, len(members)), use_swap))
+        if self.root_coordinates:
+            nodes.append(self.slice(0, 0, ROLE_COORDINATOR, (0, 0), (0, 0), (0, 0), (0, 0),
+                                    self.need(0, SliceCounts(), ROLE_COORDINATOR, n)))
+        for i, q, ffn_rows, vocab_rows in zip(members, q_ranges, ffn_ranges, vocab_ranges):
+            kv = kv_range(q, c.kv_group)
+            counts = SliceCounts(q[1] - q[0], kv[1] - kv[0], ffn_rows[1] - ffn_rows[0],
+                                 vocab_rows[1] - vocab_rows[0])
+            nodes.append(self.slice(i, len(nodes), ROLE_ROOT if i == 0 else ROLE_WORKER, q, kv, ffn_rows,
+                                    vocab_rows, self.need(i, counts, n_slice_nodes=n)))
         for node in nodes:
-            if node.memory.headroom < 0:
+            m = node.memory
+            if m.headroom < 0:
                 if not balanced:
-                    raise AssertionError(f"planner bug: node {node.node_id} over by {-node.memory.headroom}")
-                return Shortfall(f"node {node.node_id}'s share needs {advice.needs(node.memory.total)}",
-                                 node.node_id, node.memory.total, node.memory.available + node.memory.swap_allowed)
-            warnings.extend(advice.node_warnings(node))
-        return Draft(tuple(nodes), tuple(excluded), tuple(warnings))
+                    raise AssertionError(f"planner bug: node {node.node_id} over by {-m.headroom} bytes")
+                return Shortfall(f"node {node.node_id}'s share needs {advice.needs(m.total)}",
+                                 node.node_id, m.total, m.available + m.swap_allowed)
+            self.warnings.extend(advice.node_warnings(node))
+        return Draft(tuple(nodes), tuple(self.excluded), tuple(self.warnings))
 
-    def _slice(self, cap: NodeCapacity, index: int, role: str, weight: float, q: Range, kv: Range,
-               ffn: Range, vocab: Range, need: MemoryNeed, use_swap: bool) -> NodeSlice:
+    def slice(self, i: int, index: int, role: str, q: Range, kv: Range, ffn: Range, vocab: Range,
+              need: MemoryNeed) -> NodeSlice:
+        cap = self.caps[i]
         memory = settle(need, available=cap.available_ram_bytes, free_swap=cap.free_swap_bytes,
-                        allow_swap=use_swap, memlock_limit=cap.memlock_limit_bytes)
+                        allow_swap=self.use_swap, memlock_limit=cap.memlock_limit_bytes)
+        weight = 0.0 if role == ROLE_COORDINATOR else self.weights[i]
         return NodeSlice(cap.node_id, index, role, weight, q, kv, ffn, vocab, memory)
 
-    def _cluster_shortfall(self, layout, caps, members, budget, seq_len, n, kind) -> Shortfall:
+    def cluster_shortfall(self, kind: str) -> Shortfall:
         """The least the whole model needs on these nodes (no KV head twice) against their sum."""
-        c = layout.config
+        c = self.config
         everything = SliceCounts(c.n_heads, c.n_kv_heads, c.hidden_dim, c.vocab_size)
-        whole = self.need(everything, ROLE_WORKER, seq_len, n, layout)
-        empty = self.need(SliceCounts(), ROLE_WORKER, seq_len, n, layout)
-        fixed = [self.need(SliceCounts(), ROLE_ROOT if i == 0 else ROLE_WORKER, seq_len, n, layout)
-                 for i in members]
+        whole = self.need(-1, everything, ROLE_WORKER)
+        empty = self.need(-1, SliceCounts(), ROLE_WORKER)
+        fixed = [self.need(i, SliceCounts()) for i in self.members]
         need_total = whole.total - empty.total + sum(f.total for f in fixed)
         weights = whole.weights - empty.weights + sum(f.weights for f in fixed)
-        text = advice.cluster_text(kind, [(caps[i].node_id, budget(i)) for i in members], seq_len,
-                                   need_total, weights, whole.kv_cache)
-        return Shortfall(text, caps[min(members, key=budget)].node_id, need_total,
-                         sum(budget(i) for i in members))
+        text = advice.cluster_text(kind, [(self.caps[i].node_id, self.budget(i)) for i in self.members],
+                                   self.seq_len, need_total, weights, whole.kv_cache)
+        return Shortfall(text, self.caps[min(self.members, key=self.budget)].node_id, need_total,
+                         sum(self.budget(i) for i in self.members))
 
 
 def place_attention(layout: ModelLayout, weights: Sequence[float], room: Sequence[float],

@@ -32,7 +32,7 @@ def _row(node: NodeSlice) -> List[str]:
              _range(node.ffn_rows), _range(node.vocab_rows)]
     cells += [_mib(getattr(m, name), up=True) for name in NEED_COLUMNS[:-1]]
     cells += [_mib(m.available, up=False), _mib(m.swap_used, up=True), _mib(m.headroom, up=False),
-              "yes" if m.lock else "no"]
+              _mib(m.total, up=True) if m.lock else "no"]
     return cells
 
 
@@ -55,12 +55,13 @@ def format_plan(plan: ShardPlan) -> str:
                  str(sum(n.n_ffn_rows for n in nodes)), str(sum(n.n_vocab_rows for n in nodes))]
                 + [_mib(t[name], up=True) for name in NEED_COLUMNS[:-1]]
                 + [_mib(t["available"], up=False), _mib(t["swap_used"], up=True),
-                   _mib(t["headroom"], up=False), f"{sum(n.memory.lock for n in nodes)}/{len(nodes)}"])
+                   _mib(t["headroom"], up=False),
+                   _mib(sum(n.memory.total for n in nodes if n.memory.lock), up=True)])
     lines = _align(rows)
     lines.insert(1, "-" * len(lines[0]))
     lines.insert(len(lines) - 1, "-" * len(lines[0]))
-    lines.append("(MiB; q/kv heads, ffn and vocab rows are half-open ranges; kv heads held by two "
-                 "nodes count twice)")
+    lines.append("(MiB; locked: what the node mlocks, or no; q/kv heads, ffn and vocab rows are half-open "
+                 "ranges; kv heads held by two nodes count twice)")
     lines.append(plan.seq_len_reason)
     lines += [f"excluded {e.node_id}: {e.reason}" for e in plan.excluded]
     lines += [f"warning: {w}" for w in plan.warnings]

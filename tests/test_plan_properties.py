@@ -76,9 +76,11 @@ def options(draw, layout: ModelLayout, n_nodes: int):
     seq = layout.config.seq_len
     split = None
     if draw(st.integers(0, 4)) == 0:
-        split = tuple(draw(st.lists(st.sampled_from([0.0, 1.0, 2.0, 5.0]), min_size=n_nodes, max_size=n_nodes)))
+        split = tuple(draw(st.lists(st.sampled_from([0.0, 1.0, 2.0, 5.0]),
+                                    min_size=n_nodes, max_size=n_nodes)))
     return PlanOptions(max_seq_len=draw(st.one_of(st.none(), st.integers(1, seq))),
-                       allow_swap=draw(st.booleans()), reserve_bytes=draw(st.sampled_from([0, MiB, 16 * MiB])),
+                       allow_swap=draw(st.booleans()),
+                       reserve_bytes=draw(st.sampled_from([0, MiB, 16 * MiB])),
                        kv_bytes_per_value=draw(st.sampled_from([2, 4])), split=split,
                        batch_size=draw(st.sampled_from([1, 1, 4])))
 
@@ -151,7 +153,8 @@ def check_the_error_is_real(layout, caps, opts, err):
     assert "\n" not in message and ("MiB" in message or "GiB" in message or "no node may" in message)
     c = layout.config
     seq = opts.max_seq_len if opts.max_seq_len is not None else min(128, c.seq_len)
-    candidates = [i for i, cap in enumerate(caps) if not cap.coordinator_only and weight_of(caps, opts, i) > 0]
+    candidates = [i for i, cap in enumerate(caps)
+                  if not cap.coordinator_only and weight_of(caps, opts, i) > 0]
     n = max(1, len(candidates))
 
     def need(counts, role):
