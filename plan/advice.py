@@ -86,11 +86,13 @@ def node_warnings(node: NodeSlice) -> List[str]:
     return out
 
 
-def seq_len_reason(planner: "Planner", draft: Draft, seq_len: int) -> str:
+def seq_len_reason(planner: "Planner", draft: Draft, seq_len: int, balanced: bool = False) -> str:
     """Why the default max_seq_len is `seq_len`: the node the model card's length overflows."""
     model_seq = planner.layout.config.seq_len
     swapping = [n.node_id for n in draft.nodes if n.memory.swap_used]
-    note = f" (with swap on {', '.join(swapping)})" if swapping else ""
+    notes = (["slices in proportion to speed"] if balanced and seq_len < model_seq else []) + (
+        [f"with swap on {', '.join(swapping)}"] if swapping else [])
+    note = f" ({'; '.join(notes)})" if notes else ""
     if seq_len == model_seq:
         return f"max_seq_len {seq_len}: the model card's context fits every node{note}"
     slice_nodes = [n for n in draft.nodes if n.role != ROLE_COORDINATOR]

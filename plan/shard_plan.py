@@ -76,10 +76,10 @@ def plan_shards(layout: ModelLayout, capacities: Sequence[NodeCapacity],
             raise advice.plan_error(planner, result, seq_len)
         reason = f"max_seq_len {seq_len} (asked for; model card {model_seq})"
     else:
-        seq_len, result = planner.largest_fitting_seq_len()
+        seq_len, result, balanced = planner.largest_fitting_seq_len()
         if isinstance(result, Shortfall):
             raise advice.plan_error(planner, result, seq_len)
-        reason = advice.seq_len_reason(planner, result, seq_len)
+        reason = advice.seq_len_reason(planner, result, seq_len, balanced)
     log.info("%s", reason)
     return ShardPlan(layout, options, seq_len, reason, result.nodes, result.excluded, result.warnings)
 
@@ -151,8 +151,9 @@ class Planner:
             result = self.plan_at(seq_len, use_swap=True)
         return result
 
-    def largest_fitting_seq_len(self) -> Tuple[int, Union[Draft, Shortfall]]:
-        """The default max_seq_len and its plan (or the shortfall at the smallest length)."""
+    def largest_fitting_seq_len(self) -> Tuple[int, Union[Draft, Shortfall], bool]:
+        """The default max_seq_len, its plan (or the shortfall at the smallest length), and
+        whether the plan keeps every slice in proportion to speed (see the module docstring)."""
         model_seq = self.layout.config.seq_len
         lengths = sorted({min(SEQ_FLOOR, model_seq), model_seq} |
                          set(range(SEQ_STEP, model_seq, SEQ_STEP)))
@@ -166,13 +167,13 @@ class Planner:
                 balanced_len, balanced = self.search(lengths, lambda s: self.plan_at(
                     s, use_swap, balanced=True, keep_all=keep_all))
                 if not isinstance(balanced, Shortfall) and balanced_len >= enough:
-                    return balanced_len, balanced
+                    return balanced_len, balanced, True
                 seq_len, result = self.search(lengths, lambda s: self.plan_at(s, use_swap, keep_all=keep_all))
                 if not isinstance(result, Shortfall):
-                    return seq_len, result
+                    return seq_len, result, False
                 failure = result
         assert failure is not None
-        return lengths[0], failure
+        return lengths[0], failure, False
 
     @staticmethod
     def search(lengths: Sequence[int], attempt) -> Tuple[int, Union[Draft, Shortfall]]:

@@ -331,7 +331,8 @@ def test_default_max_seq_len_fits_the_cluster_not_the_model_card():
     with pytest.raises(PlanError):
         plan_shards(layout, caps, PlanOptions(max_seq_len=seq + 256))
     assert re.fullmatch(rf"max_seq_len {seq} \(model card 131072\): the KV cache of 131072 tokens would need "
-                        r"4\.0 GiB on node b[12], which has 1\.0 GiB available", plan.seq_len_reason)
+                        r"4\.0 GiB on node b[12], which has 1\.0 GiB available "
+                        r"\(slices in proportion to speed\)", plan.seq_len_reason)
     kv_per_token = 2 * 16 * 4 * 64 * 4               # 4 of 8 KV heads each
     assert plan.nodes[0].memory.kv_cache == seq * kv_per_token
 
