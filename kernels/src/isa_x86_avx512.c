@@ -226,7 +226,8 @@ static const tile_fn TILES[2][2][MAX_COLS] = {
 
 static void gemm_q(int q4, int64_t k, const void *w, int64_t ldw, int64_t nr, const void *x,
                    int64_t ldx, int64_t nc, float *y, int64_t ldy) {
-    xgroup xbuf[MAX_COLS * KC_GROUPS] __attribute__((aligned(64)));
+    _Static_assert(TILE_COLS <= MAX_COLS, "TILE_COLS wider than the instantiated tiles");
+    xgroup xbuf[TILE_COLS * KC_GROUPS] __attribute__((aligned(64))); /* 48 KB */
     const int64_t n_blocks = k / DL_QK, n_groups = (n_blocks + 3) / 4;
     const int64_t gbytes = q4 ? 4 * DL_Q4_0_BYTES : 4 * DL_Q8_0_BYTES;
     const int tail_nb = (int)(n_blocks % 4);
