@@ -26,7 +26,7 @@
 #ifndef DL_COL_TILE
 #define DL_COL_TILE 64   /* columns per call into the ISA when there are many */
 #endif
-#define DL_FEW_COLS 8    /* up to this many columns: one call per thread (decode) */
+#define DL_FEW_COLS 1    /* up to this many columns (decode): one call per thread */
 /* Multiply-adds a thread must get before waking it is worth its few microseconds. */
 #define DL_MIN_WORK_PER_THREAD 65536
 
