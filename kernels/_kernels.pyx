@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False
+# cython: language_level=3, boundscheck=False, wraparound=False, binding=True
 """The compiled kernels: thin checked wrappers around the C code in kernels/src.
 
 Every function has the name and arguments of its twin in kernels/reference.py (the

@@ -433,3 +433,14 @@ def test_gil_is_released_during_matmul():
     finally:
         K.use_path(before)
     assert during > 100, f"the counter advanced {during} times during the matmul"
+
+
+def test_the_compiled_api_has_the_reference_signatures():
+    import inspect
+
+    for name in ("kernel_path", "quantize_q8_0", "dequantize_weights", "matmul", "rmsnorm",
+                 "rope", "softmax", "silu_mul", "attention"):
+        want = inspect.signature(getattr(R, name))
+        got = inspect.signature(getattr(K, name))
+        assert [(p.name, p.default) for p in got.parameters.values()] == \
+            [(p.name, p.default) for p in want.parameters.values()], name

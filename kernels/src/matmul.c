@@ -39,14 +39,20 @@ static void split_rows(int64_t nr, int t, int nt, int64_t *r0, int64_t *r1) {
     *r1 = u1 * granule < nr ? u1 * granule : nr;
 }
 
+/* The path's gemm for a weight type; the scalar one where the path has none (a path
+ * may implement a subset); NULL for a type no path knows. */
 static dl_gemm_fn gemm_for_type(const dl_isa *isa, int type) {
-    switch (type) {
-    case DL_TYPE_Q4_0: return isa->gemm_q4_0_q8_0;
-    case DL_TYPE_Q8_0: return isa->gemm_q8_0_q8_0;
-    case DL_TYPE_F16: return isa->gemm_f16_f32;
-    case DL_TYPE_F32: return isa->gemm_f32_f32;
-    default: return NULL;
+    dl_gemm_fn fn = NULL;
+    for (int pass = 0; pass < 2 && fn == NULL; pass++, isa = &dl_isa_scalar) {
+        switch (type) {
+        case DL_TYPE_Q4_0: fn = isa->gemm_q4_0_q8_0; break;
+        case DL_TYPE_Q8_0: fn = isa->gemm_q8_0_q8_0; break;
+        case DL_TYPE_F16: fn = isa->gemm_f16_f32; break;
+        case DL_TYPE_F32: fn = isa->gemm_f32_f32; break;
+        default: return NULL;
+        }
     }
+    return fn;
 }
 
 /* One thread's share: rows [r0, r1), all nc columns. */
@@ -100,12 +106,14 @@ int dl_matmul(const dl_isa *isa, int type, int64_t k,
 void dl_quantize_rows_q8_0(const dl_isa *isa, const float *x, int64_t ldx,
                            void *y, int64_t ldy, int64_t n, int64_t k, int n_threads) {
     if (n <= 0 || k <= 0) return;
+    dl_quantize_fn quantize = isa->quantize_q8_0;
+    if (quantize == NULL) quantize = dl_isa_scalar.quantize_q8_0;
     uint8_t *yb = (uint8_t *)y;
     int64_t useful = n * k / DL_MIN_WORK_PER_THREAD;
     if (n_threads > useful) n_threads = useful > 1 ? (int)useful : 1;
     if (n_threads > n) n_threads = (int)n;
     if (n_threads <= 1) {
-        for (int64_t i = 0; i < n; i++) isa->quantize_q8_0(x + i * ldx, yb + i * ldy, k);
+        for (int64_t i = 0; i < n; i++) quantize(x + i * ldx, yb + i * ldy, k);
         return;
     }
 #ifdef _OPENMP
@@ -118,6 +126,6 @@ void dl_quantize_rows_q8_0(const dl_isa *isa, const float *x, int64_t ldx,
         nt = omp_get_num_threads();
 #endif
         int64_t i0 = n * t / nt, i1 = n * (t + 1) / nt;
-        for (int64_t i = i0; i < i1; i++) isa->quantize_q8_0(x + i * ldx, yb + i * ldy, k);
+        for (int64_t i = i0; i < i1; i++) quantize(x + i * ldx, yb + i * ldy, k);
     }
 }
