@@ -149,8 +149,10 @@ def check_matmul(w, wtype, x, n_threads, tname):
 
 
 @pytest.mark.parametrize("tname", list(TYPES))
+# k = 32 * 275 and 32 * 515 span 2 and 3 of the SIMD paths' k chunks (8192 values)
 @pytest.mark.parametrize("rows,k,n", [
     (1, 32, 1), (3, 96, 1), (37, 160, 1), (37, 32 * 7, 5), (5, 32 * 9, 4), (70, 32 * 13, 67),
+    (11, 32 * 275, 1), (7, 32 * 515, 4),
 ])
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
 def test_matmul_against_reference(path, tname, rows, k, n, n_threads):
