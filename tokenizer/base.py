@@ -194,5 +194,6 @@ class Tokenizer:
         return re.compile("|".join(re.escape(s) for s in alternatives))
 
     def __repr__(self) -> str:
-        return (f"<{type(self).__name__} kind={self.kind} vocab_size={self.vocab_size} "
-                f"bos={self.bos_id} eos={self.eos_id} eot={sorted(self.eot_ids)}>")
+        return (f"<{type(self).__name__} kind={self.kind} "
+                f"vocab_size={getattr(self, 'vocab_size', '?')} bos={getattr(self, 'bos_id', '?')} "
+                f"eos={getattr(self, 'eos_id', '?')} eot={sorted(getattr(self, 'eot_ids', ()))}>")

@@ -55,10 +55,12 @@ def load_tokenizer(metadata: Optional[Mapping], vocab_size: int,
     metadata = dict(metadata or {})
     if tokenizer_path:
         vocab, proto = _vocab_from_file(tokenizer_path)
-        if not vocab.chat_template:
-            vocab.chat_template = metadata.get("tokenizer.chat_template")
+        model_template = metadata.get("tokenizer.chat_template")
+        if not vocab.chat_template and model_template:
+            vocab.chat_template = (model_template.decode("utf-8", "replace")
+                                   if isinstance(model_template, bytes) else str(model_template))
         tok = tokenizer_from_vocab(vocab, proto)
-        if metadata.get("tokenizer.ggml.tokens"):
+        if metadata.get("tokenizer.ggml.tokens") is not None:
             check.check_same_vocab(tok, vocab_from_metadata(metadata), tokenizer_path)
         source = tokenizer_path
     else:

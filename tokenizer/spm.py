@@ -21,8 +21,8 @@ import sentencepiece
 
 from dllama_node.common.errors import TokenizerError
 from dllama_node.tokenizer.base import Tokenizer
-from dllama_node.tokenizer.vocab import (BYTE, CONTROL, NORMAL, UNKNOWN, Vocab, byte_piece_value,
-                                         validate)
+from dllama_node.tokenizer.vocab import (BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, Vocab,
+                                         byte_piece_value, validate)
 
 log = logging.getLogger(__name__)
 
@@ -124,14 +124,23 @@ def build_model_proto(vocab: Vocab) -> bytes:
 
     Normalization is Llama's: identity, add_dummy_prefix from the vocabulary (default
     true), remove_extra_whitespaces (default false), spaces escaped as "▁". Byte fallback
-    is on when all 256 "<0xNN>" byte pieces are present.
+    is on when all 256 "<0xNN>" byte pieces are present (sentencepiece accepts all or
+    none: a partial set is written as unused pieces).
     """
-    parts = []
-    for piece, score, ptype in zip(vocab.tokens, vocab.scores, vocab.types):
-        parts.append(_field_bytes(1, _field_str(1, piece) + _field_float(2, score)
-                                  + (_field_int(3, ptype) if ptype != NORMAL else b"")))
     byte_values = {byte_piece_value(t) for t, ty in zip(vocab.tokens, vocab.types) if ty == BYTE}
     byte_fallback = len(byte_values - {None}) == 256
+    if byte_values and not byte_fallback:
+        # sentencepiece wants all 256 byte pieces or none: the few there are stay unused
+        # (encode never produces them; decode still reads them as bytes).
+        log.warning("the SentencePiece vocabulary has %d of the 256 byte pieces: byte "
+                    "fallback is off, text without pieces becomes <unk>",
+                    len(byte_values - {None}))
+    parts = []
+    for piece, score, ptype in zip(vocab.tokens, vocab.scores, vocab.types):
+        if ptype == BYTE and not byte_fallback:
+            ptype = UNUSED
+        parts.append(_field_bytes(1, _field_str(1, piece) + _field_float(2, score)
+                                  + (_field_int(3, ptype) if ptype != NORMAL else b"")))
 
     def piece_of(token_id: Optional[int]) -> Optional[str]:
         if token_id is None or not 0 <= token_id < vocab.n_tokens:

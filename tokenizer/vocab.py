@@ -77,6 +77,17 @@ class Vocab:
                 "pad": self.pad_id, "eot": self.eot_id, "eom": self.eom_id}
 
 
+def _seq(metadata: Mapping, key: str) -> list:
+    """An array value as a list ([] when absent); numpy arrays and tuples are accepted."""
+    value = metadata.get(key)
+    return [] if value is None else list(value)
+
+
+def _opt_str(metadata: Mapping, key: str) -> Optional[str]:
+    value = metadata.get(key)
+    return None if value is None else _as_str(value, key, 0)
+
+
 def _opt_int(metadata: Mapping, key: str) -> Optional[int]:
     value = metadata.get(key)
     if value is None:
@@ -112,8 +123,8 @@ def vocab_from_metadata(metadata: Mapping) -> Vocab:
     arrays whose lengths disagree, unknown token types, and duplicate tokens.
     """
     model = metadata.get("tokenizer.ggml.model")
-    raw_tokens = metadata.get("tokenizer.ggml.tokens")
-    if model is None and raw_tokens is None:
+    raw_tokens = _seq(metadata, "tokenizer.ggml.tokens")
+    if model is None and not raw_tokens:
         raise TokenizerError("the model file has no tokenizer (no tokenizer.ggml.model and no "
                              "tokenizer.ggml.tokens): pass a tokenizer file (tokenizer.model or .t)")
     if model is None:
@@ -128,10 +139,9 @@ def vocab_from_metadata(metadata: Mapping) -> Vocab:
     tokens = [_as_str(t, "tokenizer.ggml.tokens", i) for i, t in enumerate(raw_tokens)]
     n = len(tokens)
 
-    scores = metadata.get("tokenizer.ggml.scores")
-    if scores is None:
+    scores = [float(s) for s in _seq(metadata, "tokenizer.ggml.scores")]
+    if "tokenizer.ggml.scores" not in metadata:
         scores = [-float(i) for i in range(n)]   # id order is rank order
-    scores = [float(s) for s in scores]
     if len(scores) != n:
         raise TokenizerError(f"tokenizer.ggml.scores has {len(scores)} entries, "
                              f"tokenizer.ggml.tokens has {n}")
@@ -144,12 +154,12 @@ def vocab_from_metadata(metadata: Mapping) -> Vocab:
         pad_id=_opt_int(metadata, "tokenizer.ggml.padding_token_id"),
         eot_id=_opt_int(metadata, "tokenizer.ggml.eot_token_id"),
         eom_id=_opt_int(metadata, "tokenizer.ggml.eom_token_id"),
-        extra_eos_ids=[int(i) for i in metadata.get(KEY_EXTRA_EOS) or []],
+        extra_eos_ids=[int(i) for i in _seq(metadata, KEY_EXTRA_EOS)],
         add_bos=_opt_bool(metadata, "tokenizer.ggml.add_bos_token"),
-        pre=metadata.get("tokenizer.ggml.pre"),
+        pre=_opt_str(metadata, "tokenizer.ggml.pre"),
         merges=[_as_str(m, "tokenizer.ggml.merges", i)
-                for i, m in enumerate(metadata.get("tokenizer.ggml.merges") or [])],
-        chat_template=metadata.get("tokenizer.chat_template"),
+                for i, m in enumerate(_seq(metadata, "tokenizer.ggml.merges"))],
+        chat_template=_opt_str(metadata, "tokenizer.chat_template"),
     )
     space = _opt_bool(metadata, "tokenizer.ggml.add_space_prefix")
     vocab.add_space_prefix = True if space is None else space
@@ -158,8 +168,10 @@ def vocab_from_metadata(metadata: Mapping) -> Vocab:
     if model == "llama" and vocab.unk_id is None and tokens[0] == "<unk>":
         vocab.unk_id = 0
 
-    types = metadata.get("tokenizer.ggml.token_type")
-    vocab.types = [int(t) for t in types] if types is not None else infer_types(vocab)
+    if "tokenizer.ggml.token_type" in metadata:
+        vocab.types = [int(t) for t in _seq(metadata, "tokenizer.ggml.token_type")]
+    else:
+        vocab.types = infer_types(vocab)
     if len(vocab.types) != n:
         raise TokenizerError(f"tokenizer.ggml.token_type has {len(vocab.types)} entries, "
                              f"tokenizer.ggml.tokens has {n}")
