@@ -158,3 +158,14 @@ def test_numpy_arrays_and_bytes_in_metadata_load_the_same():
     bpe_np["tokenizer.ggml.pre"] = b"llama-bpe"
     n = len(bpe["tokenizer.ggml.tokens"])
     assert load_tokenizer(bpe_np, n).encode("x y") == load_tokenizer(bpe, n).encode("x y")
+
+
+def test_vocabulary_without_bos_encodes_without_it():
+    md = dict(bpe_metadata("llama-bpe"))
+    del md["tokenizer.ggml.bos_token_id"]
+    del md["tokenizer.ggml.add_bos_token"]
+    tok = load_tokenizer(md, len(md["tokenizer.ggml.tokens"]))
+    assert tok.bos_id is None and tok.add_bos is False and tok.bos_token == ""
+    assert tok.encode("hi") == tok.encode("hi", add_bos=False)
+    with pytest.raises(TokenizerError, match="no BOS token"):
+        tok.encode("hi", add_bos=True)

@@ -50,6 +50,11 @@ class Tokenizer:
         self.eos_id = vocab.eos_id
         self.unk_id = vocab.unk_id
         self.add_bos = default_add_bos if vocab.add_bos is None else vocab.add_bos
+        if self.add_bos and self.bos_id is None:
+            if vocab.add_bos:
+                log.warning("tokenizer.ggml.add_bos_token is true but there is no BOS token: "
+                            "encode adds none")
+            self.add_bos = False
         self._types = vocab.types
         # _surfaces[i]: the bytes token i adds to decoded text (b"" for control tokens).
         self._surfaces: List[bytes] = [self._surface_of(i) for i in range(self.vocab_size)]
