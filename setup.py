@@ -42,5 +42,8 @@ setup(
     ext_modules=cythonize(
         [ext],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
+        # a second build (scripts/test builds with Debian's Cython 0.29 too) keeps its
+        # generated C apart from the tree's
+        build_dir=os.environ.get("DLLAMA_CYTHON_BUILD_DIR"),
     )
 )

@@ -28,8 +28,10 @@ LLAMA_CPP_RUNNER = textwrap.dedent("""
     import numpy as np
     from llama_cpp import Llama
     path, threads, n_prompt, n_gen = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    llm = Llama(model_path=path, n_ctx=n_prompt + n_gen + 8, n_threads=threads,
-                n_threads_batch=threads, n_batch=max(n_prompt, 32), use_mmap=False, verbose=False)
+    n_ctx = n_prompt + n_gen + 8
+    # n_batch = n_ctx: llama-cpp-python keeps one row of scores per batch slot
+    llm = Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                n_batch=n_ctx, use_mmap=False, verbose=False)
     vocab = llm.n_vocab()
     rng = np.random.default_rng(0)
     prompt = [1] + rng.integers(3, vocab, n_prompt - 1).tolist()

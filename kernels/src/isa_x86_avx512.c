@@ -34,6 +34,12 @@
 #define TILE_COLS 3
 #endif
 #define MAX_COLS 4   /* the widest tile that is instantiated */
+#ifndef MV_ROWS
+#define MV_ROWS 8    /* decode (one column): rows per tile, i.e. weight streams in flight */
+#endif
+#ifndef PF_BYTES
+#define PF_BYTES 256 /* software prefetch distance along a weight row, bytes (0: off) */
+#endif
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
@@ -151,8 +157,10 @@ ALWAYS_INLINE void load_w_group(int q4, const uint8_t *p, int nb, __m512i *lo, _
     do {                                                                                \
         __m512i wl[R], wh[R];                                                           \
         __m512 wd[R];                                                                   \
-        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                             \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                           \
+            if (PF_BYTES) _mm_prefetch((const char *)ROW_PTR(r) + PF_BYTES, _MM_HINT_T0); \
             load_w_group(q4, ROW_PTR(r), NB, &wl[r], &wh[r], &wd[r]);                   \
+        }                                                                               \
         _Pragma("GCC unroll 8") for (int c = 0; c < C; c++) {                           \
             const xgroup *xc = xg + c * xcs;                                            \
             _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                       \
@@ -170,7 +178,7 @@ ALWAYS_INLINE void tile_q(int q4, int R, int C, int64_t ng, int tail_nb, const u
                           int64_t ldw, const xgroup *x, int64_t xcs, float *y, int64_t ldy,
                           int accumulate) {
     const int64_t gbytes = q4 ? 4 * DL_Q4_0_BYTES : 4 * DL_Q8_0_BYTES;
-    __m512 acc[TILE_ROWS > 4 ? TILE_ROWS : 4][MAX_COLS];
+    __m512 acc[TILE_ROWS > MV_ROWS ? TILE_ROWS : MV_ROWS][MAX_COLS];
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
         _Pragma("GCC unroll 8") for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
     int64_t n_full = tail_nb ? ng - 1 : ng;
@@ -211,6 +219,8 @@ DEFINE_TILE(0, 1, 4)
 DEFINE_TILE(0, 1, 3)
 DEFINE_TILE(0, 1, 2)
 DEFINE_TILE(0, 1, 1)
+DEFINE_TILE(1, MV_ROWS, 1)
+DEFINE_TILE(0, MV_ROWS, 1)
 
 typedef void (*tile_fn)(int64_t, int, const uint8_t *, int64_t, const xgroup *, int64_t,
                         float *, int64_t, int);
@@ -223,6 +233,7 @@ static const tile_fn TILES[2][2][MAX_COLS] = {
     {TILE_ROW(0, 1), TILE_ROW(0, TILE_ROWS)},
     {TILE_ROW(1, 1), TILE_ROW(1, TILE_ROWS)},
 };
+static const tile_fn MV_TILES[2] = {TILE_NAME(0, MV_ROWS, 1), TILE_NAME(1, MV_ROWS, 1)};
 
 static void gemm_q(int q4, int64_t k, const void *w, int64_t ldw, int64_t nr, const void *x,
                    int64_t ldx, int64_t nc, float *y, int64_t ldy) {
@@ -244,6 +255,10 @@ static void gemm_q(int q4, int64_t k, const void *w, int64_t ldw, int64_t nr, co
             float *yc = y + c0 * ldy;
             int64_t r = 0;
             tile_fn full = TILES[q4][1][cols - 1], one = TILES[q4][0][cols - 1];
+            if (cols == 1) /* decode: more rows in flight, no columns to reuse them over */
+                for (; r + MV_ROWS <= nr; r += MV_ROWS)
+                    MV_TILES[q4](ng, chunk_tail, wg + r * ldw, ldw, xbuf, KC_GROUPS, yc + r,
+                                 ldy, g0 > 0);
             for (; r + TILE_ROWS <= nr; r += TILE_ROWS)
                 full(ng, chunk_tail, wg + r * ldw, ldw, xbuf, KC_GROUPS, yc + r, ldy, g0 > 0);
             for (; r < nr; r++)
