@@ -47,14 +47,13 @@ def generate(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerS
     with _open(model_path, tokenizer_path, threads, max_seq_len, quiet=as_json) as node:
         tok = node.tokenizer
         if chat_format:
-            prompt = tok.chat_template.render([{"role": "user", "content": prompt}])
-            ids = tok.encode(prompt, add_bos=False) if prompt.startswith(_bos_text(tok)) \
-                else tok.encode(prompt)
+            ids = tok.encode_chat([{"role": "user", "content": prompt}])
         else:
             ids = tok.encode(prompt)
         stream = TextStream(tok, stop)
         out = []
-        gen = node.session.generate(ids, max_tokens, sampler_, _stop_ids(tok))
+        gen = node.session.generate(ids, max_tokens, sampler_, _stop_ids(tok),
+                                    vocab_limit=tok.vocab_size)
         try:
             for token in gen:
                 out.append(token)
@@ -80,13 +79,6 @@ def generate(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerS
             click.echo(tail)
             click.echo(f"[{len(ids)} prompt tokens at {t.prompt_tok_s:.1f} tok/s, "
                        f"{len(out)} generated at {t.decode_tok_s:.1f} tok/s]", err=True)
-
-
-def _bos_text(tok) -> str:
-    try:
-        return tok.decode([tok.bos_id]) if tok.bos_id is not None else "\0"
-    except Exception:
-        return "\0"
 
 
 def chat(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerSettings,
@@ -124,9 +116,7 @@ def chat(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerSetti
                 click.echo("(system prompt set; conversation started over)", err=True)
                 continue
             messages.append({"role": "user", "content": line})
-            text = tok.chat_template.render(messages, add_generation_prompt=True)
-            ids = tok.encode(text, add_bos=False) if text.startswith(_bos_text(tok)) \
-                else tok.encode(text)
+            ids = tok.encode_chat(messages, add_generation_prompt=True)
             room = node.context.seq_len - len(ids) - 1
             if room <= 0:
                 click.echo(f"(the conversation has {len(ids)} tokens and fills the context of "
@@ -134,7 +124,8 @@ def chat(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerSetti
                 messages.pop()
                 continue
             stream = TextStream(tok, [])
-            gen = node.session.generate(ids, min(max_tokens, room), sampler_, _stop_ids(tok))
+            gen = node.session.generate(ids, min(max_tokens, room), sampler_, _stop_ids(tok),
+                                        vocab_limit=tok.vocab_size)
             try:
                 for token in gen:
                     piece = stream.push(token)

@@ -76,9 +76,12 @@ class Session:
 
     def generate(self, prompt: Sequence[int], max_tokens: int, sampler: Sampler,
                  stop_ids: Sequence[int] = (),
-                 progress: Optional[Callable[[int, int], None]] = None) -> Iterator[int]:
+                 progress: Optional[Callable[[int, int], None]] = None,
+                 vocab_limit: Optional[int] = None) -> Iterator[int]:
         """Yield up to max_tokens ids; stops after an id in stop_ids (not yielded) or when
-        the context is full. The caller may stop early by closing the iterator."""
+        the context is full. The caller may stop early by closing the iterator.
+        vocab_limit: sample only ids below it (a model whose embedding rows are padded
+        beyond its tokenizer's vocabulary)."""
         if not prompt:
             raise UsageError("the prompt is empty: give at least one token")
         if max_tokens < 0:
@@ -94,7 +97,7 @@ class Session:
         t0 = time.perf_counter()
         try:
             for _ in range(max_tokens):
-                token = sampler.sample(logits, recent)
+                token = sampler.sample(logits[:vocab_limit], recent)
                 self.timings.generated_tokens += 1
                 if token in stop:
                     return

@@ -13,6 +13,8 @@ from typing import Optional
 
 import numpy as np
 
+from dllama_node.model.generate import synthetic_vocab
+
 torch = __import__("pytest").importorskip("torch")
 transformers = __import__("pytest").importorskip("transformers")
 gguf = __import__("pytest").importorskip("gguf")
@@ -75,25 +77,6 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
-def synthetic_vocab(vocab_size: int):
-    """A SentencePiece-style vocabulary: <unk> <s> </s>, 256 byte tokens, then pieces."""
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    types = [2, 3, 3] + [6] * 256
-    i = 0
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    while len(tokens) < vocab_size:
-        a, b = divmod(i, len(letters))
-        piece = ("\u2581" if i % 2 == 0 else "") + (letters[a % 26] if a else "") + letters[b]
-        if piece not in tokens:
-            tokens.append(piece)
-            types.append(1)
-        i += 1
-    tokens = tokens[:vocab_size]
-    types = types[:vocab_size]
-    scores = [0.0] * 3 + [0.0] * 256 + [-float(j) for j in range(vocab_size - 259)]
-    return tokens, scores[:vocab_size], types
-
-
 def _llama3_rope_factors(shape: Shape) -> np.ndarray:
     """What llama.cpp's converter writes as rope_freqs.weight for rope_type llama3."""
     s = shape.rope_scaling
@@ -153,6 +136,7 @@ def write_gguf(model, shape: Shape, path: str, weight_type: str = "f32") -> None
     w.add_rope_freq_base(shape.rope_theta)
     w.add_file_type(0)
     tokens, scores, types = synthetic_vocab(shape.vocab_size)
+    scores, types = [float(v) for v in scores], [int(v) for v in types]
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores(scores)

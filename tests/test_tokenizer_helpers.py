@@ -123,11 +123,33 @@ def spm_metadata(sp) -> Dict[str, object]:
             "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_space_prefix": True}
 
 
-def synthetic_metadata(vocab_size: int) -> Dict[str, object]:
-    """The vocabulary the project's model generator writes into its GGUF files."""
-    from tests.hf_models import synthetic_vocab
+def _small_synthetic_vocab(vocab_size: int):
+    """Like the generator's vocabulary, cut short: below 259 ids the byte tokens are
+    incomplete (a vocabulary without byte fallback)."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [2, 3, 3] + [6] * 256
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    i = 0
+    while len(tokens) < vocab_size:
+        a, b = divmod(i, 26)
+        piece = ("\u2581" if i % 2 == 0 else "") + (letters[(a - 1) % 26] * (1 + (a - 1) // 26) if a else "") + letters[b]
+        if piece not in tokens:
+            tokens.append(piece)
+            types.append(1)
+        i += 1
+    scores = [0.0] * 259 + [-float(j) for j in range(max(0, vocab_size - 259))]
+    return tokens[:vocab_size], scores[:vocab_size], types[:vocab_size]
 
-    tokens, scores, types = synthetic_vocab(vocab_size)
+
+def synthetic_metadata(vocab_size: int) -> Dict[str, object]:
+    """The vocabulary the project's model generator writes into its GGUF files (and, below
+    259 ids, one too small for all the byte tokens)."""
+    if vocab_size > 259:
+        from dllama_node.model.generate import synthetic_vocab
+        tokens, scores, types = synthetic_vocab(vocab_size)
+        scores, types = [float(v) for v in scores], [int(v) for v in types]
+    else:
+        tokens, scores, types = _small_synthetic_vocab(vocab_size)
     return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
             "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types,
             "tokenizer.ggml.unknown_token_id": 0, "tokenizer.ggml.bos_token_id": 1,
