@@ -21,9 +21,12 @@ def sampler_settings(temperature, top_k, top_p, repetition_penalty, seed) -> Sam
 
 
 def _open(model_path, tokenizer_path, threads, max_seq_len, quiet=False, **kw):
+    from dllama_node.ctl.progress import byte_progress
     from dllama_node.engine.node import LocalNode
 
-    node = LocalNode.open(model_path, tokenizer_path, max_seq_len, threads, **kw)
+    with byte_progress("loading weights", enabled=not quiet) as progress:
+        node = LocalNode.open(model_path, tokenizer_path, max_seq_len, threads,
+                              progress=progress, **kw)
     if not quiet:
         click.echo(f"{node.context.reason}", err=True)
     return node
@@ -183,17 +186,11 @@ def bench(model_path, tokenizer_path, threads, max_seq_len, prompt_tokens: int, 
 def make_model(preset: str, weight_type: str, seed: int, output: str) -> None:
     from dllama_node.model.generate import PRESETS, write_random_model
 
-    config = PRESETS[preset]
-    with click.progressbar(length=100, label=f"writing {preset} ({weight_type})",
-                           file=sys.stderr) as bar:
-        done = [0]
+    from dllama_node.ctl.progress import byte_progress
 
-        def progress(bytes_done: int, bytes_total: int) -> None:
-            pct = int(100 * bytes_done / max(bytes_total, 1))
-            bar.update(pct - done[0])
-            done[0] = pct
-
-        write_random_model(output, config, weight_type=weight_type, seed=seed, progress=progress)
+    with byte_progress(f"writing {preset} ({weight_type})") as progress:
+        write_random_model(output, PRESETS[preset], weight_type=weight_type, seed=seed,
+                           progress=progress)
     click.echo(output)
 
 

@@ -13,6 +13,7 @@ from dllama_node.engine.context import ContextChoice, choose_max_seq_len
 from dllama_node.engine.forward import RunState, Transformer
 from dllama_node.engine.generate import Session
 from dllama_node.engine.kv_cache import KVCache
+from dllama_node.engine.load import load_weights
 from dllama_node.engine.weights import NodeWeights
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,8 @@ class LocalNode:
     @classmethod
     def open(cls, model_path: str, tokenizer_path: Optional[str] = None,
              max_seq_len: Optional[int] = None, threads: Optional[int] = None,
-             batch: int = DEFAULT_BATCH, load_tokenizer_: bool = True) -> "LocalNode":
+             batch: int = DEFAULT_BATCH, load_tokenizer_: bool = True,
+             progress=None) -> "LocalNode":
         from dllama_node.model import open_model
         from dllama_node.tokenizer import load_tokenizer
 
@@ -48,7 +50,7 @@ class LocalNode:
             cfg = model.config
             tok = (load_tokenizer(model.metadata, cfg.vocab_size, tokenizer_path)
                    if load_tokenizer_ else None)
-            weights = NodeWeights.bind(model)
+            weights = NodeWeights.bind(model)   # views: sizes known before reading anything
             per_pos = KVCache.bytes_for(cfg.n_layers, 1, cfg.kv_dim)
             threads = threads or default_threads()
             # buffers: activations for one batch; the context's own scratch is small
@@ -56,6 +58,7 @@ class LocalNode:
             context = choose_max_seq_len(cfg.seq_len, per_pos, weights.nbytes() + buffers,
                                          read_memory().available_bytes, max_seq_len)
             log.info("%s", context.reason)
+            weights = load_weights(model, progress=progress)
             transformer = Transformer(weights, context.seq_len, threads, batch)
         except BaseException:
             model.close()
