@@ -124,6 +124,21 @@ def test_streamed_slice_equals_load_weights(models, tmp_path, kind, spec_name):
             got.embed(np.array([1]), np.empty((1, TINY.dim), np.float32))
 
 
+@pytest.mark.parametrize("spec", [SliceSpec((0, 8), (0, 2), (0, 0), (0, 0)),
+                                  SliceSpec((0, 0), (0, 0), (0, 672), (0, 2048))],
+                         ids=["no-ffn-no-vocab", "no-heads"])
+def test_empty_ranges_stream_as_empty_tensors(models, tmp_path, spec):
+    """A node without FFN rows or heads gets (n, 0) / (0, n) tensors. The oracle here is
+    NodeWeights.bind's views (load_weights cannot pread an empty range)."""
+    with open_model(models["q4_0"]) as m:
+        manifest = slice_manifest(m, spec)
+        assert any(t.nbytes == 0 for t in manifest.tensors)
+        path = transfer(m, manifest, SliceCache(str(tmp_path)))
+        want = NodeWeights.bind(m, spec)
+        with open_slice(path) as s:
+            assert_same_weights(slice_weights(s), want)
+
+
 def test_slice_file_metadata_describes_the_model_and_the_spec(models, tmp_path):
     with open_model(models["tied"]) as m:
         spec = SPECS["middle"]
