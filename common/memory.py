@@ -40,8 +40,8 @@ def parse_meminfo(text: str) -> dict:
     for line in text.splitlines():
         name, _, rest = line.partition(":")
         parts = rest.split()
-        if not parts:
-            continue
+        if not parts or not parts[0].isdigit():
+            continue   # /proc/self/status also has text fields (Name:, State: ...)
         value = int(parts[0])
         if len(parts) > 1 and parts[1] == "kB":
             value *= 1024

@@ -86,6 +86,22 @@ def model_options(f):
     return f
 
 
+def cluster_options(f):
+    """Run on N nodes of this machine: real processes over loopback TCP."""
+    options = [
+        click.option("--nodes", type=click.IntRange(1, 64), default=1, show_default=True,
+                     help="Start this many nodes on this machine (loopback), one thread each "
+                          "unless --threads, and split the model across them."),
+        click.option("--split", metavar="W1,W2,...", default=None,
+                     help="Relative share of the work per node, e.g. 2,1,1 (default: equal)."),
+        click.option("--wire", type=click.Choice(["q8_0", "f32"]), default="q8_0",
+                     show_default=True, help="How activations cross the network."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 def sampler_options(f):
     options = [
         click.option("--temperature", type=float, default=0.8, show_default=True,
@@ -104,6 +120,7 @@ def sampler_options(f):
 @cli.command()
 @model_options
 @sampler_options
+@cluster_options
 @click.option("--prompt", "-p", default=None, help="Prompt text (default: read standard input).")
 @click.option("--max-tokens", "-n", type=int, default=256, show_default=True,
               help="Most tokens to generate.")
@@ -113,7 +130,8 @@ def sampler_options(f):
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object: prompt_tokens, tokens, text, timings.")
 def generate(model_path, tokenizer_path, threads, max_seq_len, temperature, top_k, top_p,
-             repetition_penalty, seed, prompt, max_tokens, stop, chat_format, as_json):
+             repetition_penalty, seed, nodes, split, wire, prompt, max_tokens, stop, chat_format,
+             as_json):
     """Generate text from a prompt, streaming it to standard output."""
     if prompt is None:
         prompt = sys.stdin.read()
@@ -122,7 +140,7 @@ def generate(model_path, tokenizer_path, threads, max_seq_len, temperature, top_
         max_seq_len=max_seq_len,
         sampler=local_commands.sampler_settings(temperature, top_k, top_p, repetition_penalty, seed),
         prompt=prompt, max_tokens=max_tokens, stop=stop, chat_format=chat_format,
-        as_json=as_json)
+        as_json=as_json, nodes=nodes, split=split, wire=wire)
 
 
 @cli.command()
@@ -150,18 +168,48 @@ def chat(model_path, tokenizer_path, threads, max_seq_len, temperature, top_k, t
 
 @cli.command()
 @model_options
+@cluster_options
 @click.option("--prompt-tokens", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--gen-tokens", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
-def bench(model_path, tokenizer_path, threads, max_seq_len, prompt_tokens, gen_tokens, as_json):
+def bench(model_path, tokenizer_path, threads, max_seq_len, nodes, split, wire, prompt_tokens,
+          gen_tokens, as_json):
     """Measure prompt evaluation and decode speed, and peak memory.
 
     Evaluates PROMPT_TOKENS fixed token ids as one prompt, then generates GEN_TOKENS
-    greedy tokens. Prints tokens per second for both, peak RSS and the kernel path.
+    greedy tokens. Prints tokens per second for both, peak RSS and the kernel path; with
+    --nodes, also the plan, each node's measured memory next to it, the sync time and the
+    bytes on the wire per token.
     """
     local_commands.bench(model_path=model_path, tokenizer_path=tokenizer_path, threads=threads,
                          max_seq_len=max_seq_len, prompt_tokens=prompt_tokens,
-                         gen_tokens=gen_tokens, as_json=as_json)
+                         gen_tokens=gen_tokens, as_json=as_json, nodes=nodes, split=split,
+                         wire=wire)
+
+
+@cli.command()
+@click.option("--model", "-m", "model_path", required=True, metavar="PATH")
+@click.option("--nodes", type=click.IntRange(1, 64), default=None,
+              help="Plan for this many nodes like this machine (each an equal share of its "
+                   "memory).")
+@click.option("--node-ram", metavar="SIZE,SIZE,...", default=None,
+              help="Plan for nodes with this much available RAM each, e.g. 1G,2G,512M "
+                   "(the first is the root).")
+@click.option("--split", metavar="W1,W2,...", default=None,
+              help="Relative share of the work per node (default: by speed, here equal).")
+@click.option("--max-seq-len", type=int, default=None,
+              help="Context to plan for (default: the largest that fits every node).")
+@click.option("--allow-swap", is_flag=True, help="Let weights that do not fit in RAM use swap.")
+@click.option("--json", "as_json", is_flag=True, help="The plan as one JSON object.")
+def plan(model_path, nodes, node_ram, split, max_seq_len, allow_swap, as_json):
+    """Print the shard plan for a model, without loading it.
+
+    \b
+    Per node: query heads, KV heads, FFN rows and vocabulary rows it would compute, and
+    its bytes: weights, KV cache, buffers, reserve, available RAM, swap, headroom.
+    Exits 5 with the numbers and what would fit when the model does not fit.
+    """
+    local_commands.plan(model_path, nodes, node_ram, split, max_seq_len, allow_swap, as_json)
 
 
 @cli.command("make-model")

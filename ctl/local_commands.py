@@ -1,4 +1,4 @@
-"""What dllama-ctl does when it runs the model in this process (no cluster given)."""
+"""What dllama-ctl does with a model: on this node, or on N local nodes (--nodes)."""
 from __future__ import annotations
 
 import json
@@ -20,16 +20,15 @@ def sampler_settings(temperature, top_k, top_p, repetition_penalty, seed) -> Sam
                            repetition_penalty=repetition_penalty, seed=seed).validate()
 
 
-def _open(model_path, tokenizer_path, threads, max_seq_len, quiet=False, **kw):
-    from dllama_node.ctl.progress import byte_progress
-    from dllama_node.engine.node import LocalNode
+def _open(model_path, tokenizer_path, threads, max_seq_len, quiet=False, nodes=1, split=None,
+          wire="q8_0", load_tokenizer=True):
+    from dllama_node.cluster.planning import parse_split
+    from dllama_node.ctl.runner import open_runner
 
-    with byte_progress("loading weights", enabled=not quiet) as progress:
-        node = LocalNode.open(model_path, tokenizer_path, max_seq_len, threads,
-                              progress=progress, **kw)
-    if not quiet:
-        click.echo(f"{node.context.reason}", err=True)
-    return node
+    if nodes < 1:
+        raise UsageError(f"--nodes {nodes}: expected 1 or more")
+    return open_runner(model_path, tokenizer_path, threads, max_seq_len, nodes,
+                       parse_split(split, nodes), wire, quiet, load_tokenizer)
 
 
 def _stop_ids(tok) -> set:
@@ -41,13 +40,15 @@ def _stop_ids(tok) -> set:
 
 def generate(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerSettings,
              prompt: str, max_tokens: int, stop: Sequence[str], chat_format: bool,
-             as_json: bool) -> None:
+             as_json: bool, nodes: int = 1, split: Optional[str] = None,
+             wire: str = "q8_0") -> None:
     from dllama_node.engine.text import TextStream
 
     if max_tokens < 0:
         raise UsageError(f"max-tokens {max_tokens}: expected 0 or more")
     sampler_ = Sampler(sampler)  # validates before the model loads
-    with _open(model_path, tokenizer_path, threads, max_seq_len, quiet=as_json) as node:
+    with _open(model_path, tokenizer_path, threads, max_seq_len, as_json, nodes, split,
+               wire) as node:
         tok = node.tokenizer
         if chat_format:
             ids = tok.encode_chat([{"role": "user", "content": prompt}])
@@ -55,8 +56,7 @@ def generate(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerS
             ids = tok.encode(prompt)
         stream = TextStream(tok, stop)
         out = []
-        gen = node.session.generate(ids, max_tokens, sampler_, _stop_ids(tok),
-                                    vocab_limit=tok.vocab_size)
+        gen = node.generate(ids, max_tokens, sampler_, _stop_ids(tok), vocab_limit=tok.vocab_size)
         try:
             for token in gen:
                 out.append(token)
@@ -74,7 +74,8 @@ def generate(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerS
                 "prompt_tokens": list(map(int, ids)),
                 "tokens": list(map(int, out)),
                 "text": stream.text,
-                "max_seq_len": node.context.seq_len,
+                "max_seq_len": node.seq_len,
+                "nodes": nodes,
                 "prompt_tok_s": round(t.prompt_tok_s, 3),
                 "decode_tok_s": round(t.decode_tok_s, 3),
             }))
@@ -120,15 +121,15 @@ def chat(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerSetti
                 continue
             messages.append({"role": "user", "content": line})
             ids = tok.encode_chat(messages, add_generation_prompt=True)
-            room = node.context.seq_len - len(ids) - 1
+            room = node.seq_len - len(ids) - 1
             if room <= 0:
                 click.echo(f"(the conversation has {len(ids)} tokens and fills the context of "
-                           f"{node.context.seq_len}: /reset to start over)", err=True)
+                           f"{node.seq_len}: /reset to start over)", err=True)
                 messages.pop()
                 continue
             stream = TextStream(tok, [])
-            gen = node.session.generate(ids, min(max_tokens, room), sampler_, _stop_ids(tok),
-                                        vocab_limit=tok.vocab_size)
+            gen = node.generate(ids, min(max_tokens, room), sampler_, _stop_ids(tok),
+                                vocab_limit=tok.vocab_size)
             try:
                 for token in gen:
                     piece = stream.push(token)
@@ -143,44 +144,69 @@ def chat(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerSetti
 
 
 def bench(model_path, tokenizer_path, threads, max_seq_len, prompt_tokens: int, gen_tokens: int,
-          as_json: bool) -> None:
+          as_json: bool, nodes: int = 1, split: Optional[str] = None, wire: str = "q8_0") -> None:
     from dllama_node import kernels
 
     t0 = time.perf_counter()
     need = prompt_tokens + gen_tokens + 1
-    with _open(model_path, tokenizer_path, threads, max_seq_len or need, quiet=as_json,
-               load_tokenizer_=False) as node:
+    with _open(model_path, tokenizer_path, threads, max_seq_len or need, as_json, nodes, split,
+               wire, load_tokenizer=False) as node:
         load_s = time.perf_counter() - t0
-        vocab = node.weights.config.vocab_size
+        vocab = node.session.transformer.cfg.vocab_size
         rng = np.random.default_rng(0)
         prompt = [1] + rng.integers(3, vocab, prompt_tokens - 1).tolist()
         greedy = Sampler(SamplerSettings(temperature=0))
-        produced = sum(1 for _ in node.session.generate(prompt, gen_tokens, greedy, ()))
-        t = node.session.timings
+        if node.sync_stats is not None:
+            # prompt first, then the decode steps alone for the per-token sync figures
+            list(node.generate(prompt, 1, greedy))
+            prompt_timing = node.session.timings
+            node.sync_stats.reset()
+            produced = 1 + sum(1 for _ in node.generate(node.session.cached, gen_tokens - 1,
+                                                         greedy))
+            decode_timing = node.session.timings
+        else:
+            produced = sum(1 for _ in node.generate(prompt, gen_tokens, greedy))
+            prompt_timing = decode_timing = node.session.timings
         result = {
             "model": model_path,
             "kernel_path": kernels.kernel_path(),
-            "threads": node.transformer.n_threads,
+            "nodes": nodes,
+            "threads": node.threads,
             "prompt_tokens": prompt_tokens,
             "gen_tokens": produced,
-            "prompt_tok_s": round(t.prompt_tok_s, 3),
-            "decode_tok_s": round(t.decode_tok_s, 3),
+            "prompt_tok_s": round(prompt_timing.prompt_tok_s, 3),
+            "decode_tok_s": round(decode_timing.decode_tok_s, 3),
             "peak_rss_bytes": peak_rss_bytes(),
-            "weights_bytes": node.weights.nbytes(),
-            "kv_cache_bytes": node.transformer.cache.nbytes,
-            "max_seq_len": node.context.seq_len,
+            "weights_bytes": node.weights_bytes,
+            "kv_cache_bytes": node.kv_cache_bytes,
+            "max_seq_len": node.seq_len,
             "load_s": round(load_s, 3),
         }
+        if node.sync_stats is not None:
+            st = node.sync_stats
+            steps = max(st.steps, 1)
+            result.update({
+                "sync_ms_per_token": round(1000 * st.sync_s / steps, 3),
+                "wire": wire,
+                "wire_bytes_per_token": (st.bytes_sent + st.bytes_received) // steps,
+                "per_node": [{"node_id": r.node_id, "role": r.role,
+                              "planned_bytes": r.planned_bytes, "rss_bytes": r.rss_bytes,
+                              "weights_bytes": r.weights_bytes} for r in node.reports],
+            })
     if as_json:
         click.echo(json.dumps(result))
         return
     click.echo(f"model          {model_path}")
-    click.echo(f"kernel path    {result['kernel_path']}, {result['threads']} threads")
+    click.echo(f"kernel path    {result['kernel_path']}, {nodes} node(s) x {result['threads']} threads")
     click.echo(f"prompt eval    {result['prompt_tok_s']:.2f} tok/s ({prompt_tokens} tokens)")
     click.echo(f"decode         {result['decode_tok_s']:.2f} tok/s ({produced} tokens)")
     click.echo(f"peak RSS       {format_bytes(result['peak_rss_bytes'])} "
                f"(weights {format_bytes(result['weights_bytes'])}, "
                f"KV cache {format_bytes(result['kv_cache_bytes'])})")
+    if "sync_ms_per_token" in result:
+        click.echo(f"sync           {result['sync_ms_per_token']:.2f} ms per token at the root "
+                   f"(waiting for peers included), "
+                   f"{format_bytes(result['wire_bytes_per_token'])} on the wire per token ({wire})")
 
 
 def make_model(preset: str, weight_type: str, seed: int, output: str) -> None:
@@ -216,3 +242,35 @@ def info(model_path: str, as_json: bool) -> None:
         click.echo(f"  {k:16} {v}")
     if data["rope_scaling"]:
         click.echo(f"  {'rope_scaling':16} {data['rope_scaling']}")
+
+
+def parse_sizes(text: str) -> list:
+    """'1G,512M,2048' -> bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    out = []
+    for part in text.split(","):
+        p = part.strip().upper().rstrip("IB").rstrip("B") if part.strip() else ""
+        try:
+            out.append(int(float(p[:-1]) * units[p[-1]]) if p and p[-1] in units else int(p))
+        except (ValueError, IndexError):
+            raise UsageError(f"--node-ram {part!r}: expected a size such as 512M or 2G") from None
+    return out
+
+
+def plan(model_path, nodes, node_ram, split, max_seq_len, allow_swap, as_json) -> None:
+    from dllama_node.cluster.planning import local_capacities, make_plan, parse_split
+    from dllama_node.model import open_model
+    from dllama_node.plan import NodeCapacity, format_plan
+
+    if node_ram:
+        sizes = parse_sizes(node_ram)
+        caps = [NodeCapacity(f"n{i}", size, 0, -1, 1, 1.0) for i, size in enumerate(sizes)]
+    else:
+        caps = local_capacities(nodes or 1)
+    with open_model(model_path) as model:
+        shard_plan = make_plan(model, caps, max_seq_len, parse_split(split, len(caps)),
+                               allow_swap=allow_swap)
+    if as_json:
+        click.echo(json.dumps(shard_plan.to_dict()))
+    else:
+        click.echo(format_plan(shard_plan))

@@ -75,8 +75,9 @@ class Transformer:
         arr, wtype = w
         self.k.matmul(arr, wtype, xq if wtype in _BLOCK_TYPES else x, out, self.n_threads)
 
-    def _quantize(self, x: np.ndarray, out: np.ndarray) -> None:
-        if out.shape[1]:
+    def _quantize_for(self, x: np.ndarray, out: np.ndarray, *consumers: Weight) -> None:
+        """q8_0 of x, when a block-quantized weight is going to read it."""
+        if out.shape[1] and any(w[1] in _BLOCK_TYPES for w in consumers):
             self.k.quantize_q8_0(x, out, self.n_threads)
 
     def forward(self, tokens, start_pos: int, logits: bool = True) -> Optional[np.ndarray]:
@@ -85,49 +86,63 @@ class Transformer:
         Returns the logits of the last token (this node's vocab rows; gathered to the
         full vocabulary by the synchronizer), or None when logits=False.
         """
-        K, w, s, cfg, T = self.k, self.w, self.s, self.cfg, self.n_threads
         n = len(tokens)
+        self.w.embed(tokens, self.s.x[:n])
+        self.sync.start_forward(self.s.x[:n], start_pos, logits)
+        return self.forward_embedded(n, start_pos, logits)
+
+    def forward_embedded(self, n: int, start_pos: int, logits: bool = True) -> Optional[np.ndarray]:
+        """The layers, from the embedded input already in the state's x[:n] (a worker
+        receives it from the root instead of embedding tokens itself)."""
+        K, w, s, cfg, T = self.k, self.w, self.s, self.cfg, self.n_threads
+        has_heads, has_ffn = w.slice.n_heads > 0, w.slice.ffn_rows[1] > w.slice.ffn_rows[0]
         x, xb, xq = s.x[:n], s.xb[:n], s.xq[:n]
         q, k, v, att, attq = s.q[:n], s.k[:n], s.v[:n], s.att[:n], s.attq[:n]
         xo, hb, hb2, hq = s.xo[:n], s.hb[:n], s.hb2[:n], s.hq[:n]
         pos = s.positions[:n]
         pos[:] = np.arange(start_pos, start_pos + n)
-        w.embed(tokens, x)
 
         for layer, lw in enumerate(w.layers):
-            # attention
-            K.rmsnorm(x, lw.attn_norm, cfg.norm_eps, xb)
-            self._quantize(xb, xq)
-            self._matmul(lw.wq, xb, xq, q)
-            self._matmul(lw.wk, xb, xq, k)
-            self._matmul(lw.wv, xb, xq, v)
-            K.rope(q, pos, cfg.head_dim, w.rope_inv_freq)
-            K.rope(k, pos, cfg.head_dim, w.rope_inv_freq)
-            k_cache, v_cache = self.cache.layer(layer)
-            k_cache[start_pos:start_pos + n] = k
-            v_cache[start_pos:start_pos + n] = v
-            K.attention(q, k_cache, v_cache, start_pos, cfg.head_dim, cfg.kv_group, att,
-                        w.slice.q_heads[0], w.slice.kv_heads[0], T)
-            self._quantize(att, attq)
-            self._matmul(lw.wo, att, attq, xo)
+            # attention over this node's heads (a node may hold none: it adds zeros)
+            if has_heads:
+                K.rmsnorm(x, lw.attn_norm, cfg.norm_eps, xb)
+                self._quantize_for(xb, xq, lw.wq, lw.wk, lw.wv)
+                self._matmul(lw.wq, xb, xq, q)
+                self._matmul(lw.wk, xb, xq, k)
+                self._matmul(lw.wv, xb, xq, v)
+                K.rope(q, pos, cfg.head_dim, w.rope_inv_freq)
+                K.rope(k, pos, cfg.head_dim, w.rope_inv_freq)
+                k_cache, v_cache = self.cache.layer(layer)
+                k_cache[start_pos:start_pos + n] = k
+                v_cache[start_pos:start_pos + n] = v
+                K.attention(q, k_cache, v_cache, start_pos, cfg.head_dim, cfg.kv_group, att,
+                            w.slice.q_heads[0], w.slice.kv_heads[0], T)
+                self._quantize_for(att, attq, lw.wo)
+                self._matmul(lw.wo, att, attq, xo)
+            else:
+                xo[...] = 0
             self.sync.all_reduce(xo, layer, "attention")
             x += xo
 
-            # feed-forward
-            K.rmsnorm(x, lw.ffn_norm, cfg.norm_eps, xb)
-            self._quantize(xb, xq)
-            self._matmul(lw.w_gate, xb, xq, hb)
-            self._matmul(lw.w_up, xb, xq, hb2)
-            K.silu_mul(hb, hb2)
-            self._quantize(hb, hq)
-            self._matmul(lw.w_down, hb, hq, xo)
+            # feed-forward over this node's FFN rows
+            if has_ffn:
+                K.rmsnorm(x, lw.ffn_norm, cfg.norm_eps, xb)
+                self._quantize_for(xb, xq, lw.w_gate, lw.w_up)
+                self._matmul(lw.w_gate, xb, xq, hb)
+                self._matmul(lw.w_up, xb, xq, hb2)
+                K.silu_mul(hb, hb2)
+                self._quantize_for(hb, hq, lw.w_down)
+                self._matmul(lw.w_down, hb, hq, xo)
+            else:
+                xo[...] = 0
             self.sync.all_reduce(xo, layer, "ffn")
             x += xo
 
         if not logits:
             return None
         last = slice(n - 1, n)
-        K.rmsnorm(x[last], w.output_norm, cfg.norm_eps, xb[last])
-        self._quantize(xb[last], xq[last])
-        self._matmul(w.output, xb[last], xq[last], s.logits)
+        if s.logits.shape[1]:
+            K.rmsnorm(x[last], w.output_norm, cfg.norm_eps, xb[last])
+            self._quantize_for(xb[last], xq[last], w.output)
+            self._matmul(w.output, xb[last], xq[last], s.logits)
         return self.sync.gather_logits(s.logits[0])

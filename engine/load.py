@@ -68,6 +68,8 @@ class SliceReader:
         width = b1 - b0
         dtype = _DTYPES.get(loaded_type, np.uint8)
         out = anonymous_array((r1 - r0, view_shape_cols), dtype)
+        if out.size == 0:       # a node without rows of this kind
+            return out
         flat = out.view(np.uint8).reshape(r1 - r0, width)
         if width == row_bytes:
             self._pread_into(memoryview(flat).cast("B"), info.offset + r0 * row_bytes)

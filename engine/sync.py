@@ -1,7 +1,7 @@
 """The synchronizer seam between the forward pass and the other nodes.
 
-The forward pass calls all_reduce after each partial output projection and
-gather_logits at the end. A single node needs neither: LocalSynchronizer is the
+The forward pass calls start_forward with the embedded input, all_reduce after each
+partial output projection and gather_logits at the end. A single node needs neither: LocalSynchronizer is the
 identity. The cluster runtime (cluster/) implements the same two methods over TCP, and
 an in-process fake lets N-node logic be tested in one process.
 """
@@ -16,6 +16,9 @@ except ImportError:  # pragma: no cover
 
 
 class Synchronizer(Protocol):
+    def start_forward(self, x: np.ndarray, start_pos: int, logits: bool) -> None:
+        """At the root: hand the embedded input (n, dim) of this step to every node."""
+
     def all_reduce(self, buf: np.ndarray, layer: int, phase: str) -> None:
         """Sum buf (n, dim) float32 across all nodes, in place."""
 
@@ -25,6 +28,9 @@ class Synchronizer(Protocol):
 
 class LocalSynchronizer:
     """One node holds everything: nothing to exchange."""
+
+    def start_forward(self, x: np.ndarray, start_pos: int, logits: bool) -> None:
+        return None
 
     def all_reduce(self, buf: np.ndarray, layer: int, phase: str) -> None:
         return None

@@ -1,0 +1,180 @@
+"""The root of a cluster: plans, assigns slices, drives every forward step.
+
+The root is robust (piwheels' rule): when a worker fails mid-generation it reports the
+node, the position, the layer and the cause to the client, drops the node, re-plans over
+the nodes that are left, and serves the next request.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+from dllama_node.cluster.planning import make_plan, slice_spec
+from dllama_node.cluster.protocol import PROTOCOL_VERSION, Connection, Kind, DEFAULT_TIMEOUT_S
+from dllama_node.cluster.sync_tcp import NodeFailure, Peer, RootSync
+from dllama_node.cluster.wire import check_wire
+from dllama_node.common.errors import ClusterError
+from dllama_node.common.memory import current_rss_bytes
+from dllama_node.engine.forward import Transformer
+from dllama_node.engine.generate import Session
+from dllama_node.engine.load import load_weights
+from dllama_node.plan import NodeCapacity, ShardPlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerAddress:
+    host: str
+    port: int
+    capacity: NodeCapacity                  # what it reported; its node_id names it in the plan
+    process: Optional[object] = None        # a local child, to report how it ended
+
+    @property
+    def node_id(self) -> str:
+        return self.capacity.node_id
+
+
+@dataclass
+class NodeReport:
+    """After load: measured next to planned."""
+
+    node_id: str
+    role: str
+    planned_bytes: int
+    weights_bytes: int
+    kv_cache_bytes: int
+    rss_bytes: int
+    load_s: float
+
+
+class ClusterRoot:
+    def __init__(self, model_path: str, root_capacity: NodeCapacity,
+                 workers: Sequence[WorkerAddress], threads: int = 1, wire: str = "q8_0",
+                 max_seq_len: Optional[int] = None, split: Optional[Sequence[float]] = None,
+                 batch: int = 64, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 tokenizer_path: Optional[str] = None, load_tokenizer: bool = True):
+        from dllama_node.model import open_model
+
+        self.model = open_model(model_path)
+        self.model_path = model_path
+        self.root_capacity = root_capacity
+        self.workers = list(workers)
+        self.threads, self.batch, self.timeout_s = threads, batch, timeout_s
+        self.max_seq_len, self.split = max_seq_len, split
+        self.wire = check_wire(wire, self.model.config.dim)
+        self.tokenizer = None
+        if load_tokenizer:
+            from dllama_node.tokenizer import load_tokenizer as _load
+            self.tokenizer = _load(self.model.metadata, self.model.config.vocab_size,
+                                   tokenizer_path)
+        self.peers: List[Peer] = []
+        self.plan: Optional[ShardPlan] = None
+        self.session: Optional[Session] = None
+        self.sync: Optional[RootSync] = None
+        self.reports: List[NodeReport] = []
+
+    # ---- start ---------------------------------------------------------------------
+    def start(self, progress: Optional[Callable[[str], None]] = None) -> ShardPlan:
+        """Connect to every worker, plan over them, assign and load every slice."""
+        say = progress or (lambda msg: None)
+        self._close_peers()
+        conns = []
+        try:
+            for w in self.workers:
+                conn = Connection.connect(w.host, w.port, self.timeout_s)
+                conn.send_json(Kind.HELLO, {"version": PROTOCOL_VERSION, "node_id": "root"})
+                conn.recv_json(Kind.WELCOME, "WELCOME")
+                conns.append(conn)
+            capacities = [self.root_capacity] + [w.capacity for w in self.workers]
+            split = self.split[:len(capacities)] if self.split else None
+            self.plan = make_plan(self.model, capacities, self.max_seq_len, split,
+                                  batch=self.batch)
+            by_id = {n.node_id: n for n in self.plan.nodes}
+            root_slice = by_id[self.root_capacity.node_id]
+            cfg = self.model.config
+            self.peers = []
+            for w, conn in zip(self.workers, conns):
+                node = by_id.get(w.node_id)
+                if node is None:      # excluded by the plan: tell it the session is over
+                    conn.send(Kind.BYE)
+                    conn.close()
+                    continue
+                conn.send_json(Kind.ASSIGN, {
+                    "model_path": self.model_path, "model_size": self.model.file_size,
+                    "config": {k: v for k, v in cfg.__dict__.items() if k != "rope_scaling"},
+                    "slice": {"q_heads": list(node.q_heads), "kv_heads": list(node.kv_heads),
+                              "ffn_rows": list(node.ffn_rows),
+                              "vocab_rows": list(node.vocab_rows)},
+                    "seq_len": self.plan.max_seq_len, "batch": self.batch,
+                    "threads": self.threads, "wire": self.wire})
+                self.peers.append(Peer(w.node_id, conn, tuple(node.vocab_rows), w.process))
+            assigned = {p.node_id for p in self.peers} | {root_slice.node_id}
+            missing = [n.node_id for n in self.plan.nodes if n.node_id not in assigned]
+            if missing:   # every slice must run somewhere, or the sums are wrong
+                raise ClusterError(f"the plan gives slices to {', '.join(missing)}, which are "
+                                   "not connected")
+            say(f"loading {len(self.peers) + 1} slices")
+            t0 = time.perf_counter()
+            weights = load_weights(self.model, slice_spec(root_slice))
+            self.sync = RootSync(self.peers, cfg.dim, self.batch, self.wire)
+            transformer = Transformer(weights, self.plan.max_seq_len, self.threads, self.batch,
+                                      self.sync)
+            self.reports = [NodeReport(root_slice.node_id, root_slice.role,
+                                       root_slice.memory.total, weights.nbytes(),
+                                       transformer.cache.nbytes, current_rss_bytes(),
+                                       time.perf_counter() - t0)]
+            for peer in self.peers:
+                r = peer.conn.recv_json(Kind.LOADED, "LOADED", timeout_s=None)
+                node = by_id[peer.node_id]
+                self.reports.append(NodeReport(peer.node_id, node.role, node.memory.total,
+                                               r["weights_bytes"], r["kv_cache_bytes"],
+                                               r["rss_bytes"], r["load_s"]))
+            self.session = Session(transformer)
+            return self.plan
+        except BaseException:
+            for conn in conns:
+                conn.close()
+            self.peers = []
+            raise
+
+    # ---- serve ---------------------------------------------------------------------
+    def generate(self, prompt, max_tokens, sampler, stop_ids=(), vocab_limit=None):
+        """Session.generate over the cluster; a failed node is named, dropped, and the
+        cluster re-planned before this raises, so the next request can be served."""
+        try:
+            yield from self.session.generate(prompt, max_tokens, sampler, stop_ids,
+                                             vocab_limit=vocab_limit)
+        except NodeFailure as failure:
+            log.error("%s", failure)
+            self.drop(failure.node_id)
+            raise
+
+    def drop(self, node_id: str) -> None:
+        """Forget a failed worker; the cluster re-plans over the rest at the next start."""
+        self.workers = [w for w in self.workers if w.node_id != node_id]
+        self._close_peers()
+        self.session = None
+
+    def recover(self, progress=None) -> ShardPlan:
+        """Re-plan and reload over the workers that are left."""
+        return self.start(progress)
+
+    @property
+    def ready(self) -> bool:
+        return self.session is not None
+
+    def _close_peers(self) -> None:
+        for p in self.peers:
+            try:
+                p.conn.send(Kind.BYE)
+            except ClusterError:
+                pass
+            p.conn.close()
+        self.peers = []
+
+    def close(self) -> None:
+        self._close_peers()
+        self.model.close()

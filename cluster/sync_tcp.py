@@ -1,0 +1,177 @@
+"""The synchronizer over TCP: a star around the root.
+
+Per forward step the root sends FORWARD (the embedded input) to every worker; per layer
+each worker sends its PART of the attention output and of the FFN output, the root adds
+them in node order (cluster/wire.py) and sends the SUM back; at the end every worker
+sends its LOGITS rows. Receives are fixed-size, into buffers allocated once.
+Every failure is a ClusterError that names the node, the position, the layer and phase,
+and the cause.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from dllama_node.cluster.protocol import FORWARD_HEADER, Connection, Kind
+from dllama_node.cluster.wire import decode, encode
+from dllama_node.common.errors import ClusterError, ProtocolError
+from dllama_node.model import quants
+
+
+@dataclass
+class SyncStats:
+    """Time spent exchanging (waiting included) and bytes moved, since the last reset."""
+
+    sync_s: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    steps: int = 0
+
+    def reset(self) -> None:
+        self.sync_s, self.bytes_sent, self.bytes_received, self.steps = 0.0, 0, 0, 0
+
+
+def _wire_buffer(n: int, dim: int, wire: str) -> np.ndarray:
+    if wire == "f32":
+        return np.zeros((n, dim), np.float32)
+    return np.zeros((n, dim // quants.QK * quants.Q8_0_BLOCK_BYTES), np.uint8)
+
+
+@dataclass
+class Peer:
+    """A worker as the root sees it."""
+
+    node_id: str
+    conn: Connection
+    vocab_rows: tuple = (0, 0)
+    process: Optional[object] = None      # a local child (subprocess.Popen), to name its exit
+
+
+class NodeFailure(ClusterError):
+    """A peer failed during a forward step."""
+
+    def __init__(self, message: str, node_id: str, position: int, layer: Optional[int],
+                 phase: str):
+        super().__init__(message)
+        self.node_id, self.position, self.layer, self.phase = node_id, position, layer, phase
+
+
+class RootSync:
+    def __init__(self, peers: Sequence[Peer], dim: int, batch: int, wire: str):
+        self.peers = list(peers)
+        self.dim, self.wire = dim, wire
+        self.parts = [_wire_buffer(batch, dim, wire) for _ in self.peers]
+        self.sum_wire = _wire_buffer(batch, dim, wire)
+        self.stats = SyncStats()
+        self.start_pos = 0
+        self.full_logits: Optional[np.ndarray] = None
+
+    def _fail(self, peer: Peer, e: ClusterError, layer: Optional[int], phase: str):
+        where = f"layer {layer} ({phase})" if layer is not None else phase
+        cause = str(e)
+        if peer.process is not None:
+            code = _exit_status(peer.process)
+            if code:
+                cause += f"; {code}"
+        raise NodeFailure(f"node {peer.node_id} failed at position {self.start_pos}, {where}: "
+                          f"{cause}", peer.node_id, self.start_pos, layer, phase) from None
+
+    def start_forward(self, x: np.ndarray, start_pos: int, logits: bool) -> None:
+        t = time.perf_counter()
+        self.start_pos = start_pos
+        head = FORWARD_HEADER.pack(start_pos, x.shape[0], 1 if logits else 0)
+        for peer in self.peers:
+            try:
+                peer.conn.send(Kind.FORWARD, head, x)
+            except ClusterError as e:
+                self._fail(peer, e, None, "sending the input")
+        self.stats.bytes_sent += len(self.peers) * (len(head) + x.nbytes)
+        self.stats.steps += 1
+        self.stats.sync_s += time.perf_counter() - t
+
+    def all_reduce(self, buf: np.ndarray, layer: int, phase: str) -> None:
+        t = time.perf_counter()
+        n = buf.shape[0]
+        for peer, part in zip(self.peers, self.parts):
+            view = part[:n]
+            try:
+                length = peer.conn.expect(Kind.PART, f"PART of layer {layer} {phase}")
+                peer.conn.recv_payload_into(view, length, f"PART of layer {layer} {phase}")
+            except ClusterError as e:
+                self._fail(peer, e, layer, phase)
+            buf += decode(view, self.wire)
+            self.stats.bytes_received += view.nbytes
+        out = encode(buf, self.wire, self.sum_wire[:n] if self.wire != "f32" else None)
+        if self.wire != "f32":
+            buf[...] = decode(out, self.wire)
+        for peer in self.peers:
+            try:
+                peer.conn.send(Kind.SUM, out)
+            except ClusterError as e:
+                self._fail(peer, e, layer, phase)
+        self.stats.bytes_sent += len(self.peers) * out.nbytes
+        self.stats.sync_s += time.perf_counter() - t
+
+    def gather_logits(self, local: np.ndarray) -> np.ndarray:
+        t = time.perf_counter()
+        parts: List[np.ndarray] = [local]
+        for peer in self.peers:
+            v0, v1 = peer.vocab_rows
+            rows = np.empty(v1 - v0, np.float32)
+            try:
+                length = peer.conn.expect(Kind.LOGITS, "LOGITS")
+                peer.conn.recv_payload_into(rows, length, "LOGITS")
+            except ClusterError as e:
+                self._fail(peer, e, None, "gathering logits")
+            parts.append(rows)
+            self.stats.bytes_received += rows.nbytes
+        self.stats.sync_s += time.perf_counter() - t
+        return np.concatenate(parts)
+
+
+class WorkerSync:
+    """The worker's side: send PART, receive SUM; send LOGITS."""
+
+    def __init__(self, conn: Connection, dim: int, batch: int, wire: str):
+        self.conn, self.dim, self.wire = conn, dim, wire
+        self.part = _wire_buffer(batch, dim, wire)
+        self.sum_wire = _wire_buffer(batch, dim, wire)
+
+    def start_forward(self, x, start_pos, logits) -> None:
+        return None
+
+    def all_reduce(self, buf: np.ndarray, layer: int, phase: str) -> None:
+        n = buf.shape[0]
+        out = encode(buf, self.wire, self.part[:n] if self.wire != "f32" else None)
+        self.conn.send(Kind.PART, out)
+        view = self.sum_wire[:n]
+        length = self.conn.expect(Kind.SUM, f"SUM of layer {layer} {phase}")
+        self.conn.recv_payload_into(view, length, f"SUM of layer {layer} {phase}")
+        buf[...] = decode(view, self.wire)
+
+    def gather_logits(self, local: np.ndarray) -> np.ndarray:
+        self.conn.send(Kind.LOGITS, np.ascontiguousarray(local, dtype=np.float32))
+        return local
+
+
+def _exit_status(process) -> str:
+    """How a local child ended, waiting briefly for the kernel to reap it."""
+    import signal
+
+    for _ in range(20):
+        code = process.poll()
+        if code is not None:
+            break
+        time.sleep(0.05)
+    else:
+        return ""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"the process (pid {process.pid}) was killed by {name}"
+    return f"the process (pid {process.pid}) exited with status {code}"

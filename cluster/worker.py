@@ -1,0 +1,176 @@
+"""A worker node: listens for a root, loads the slice it is assigned, runs its part of
+every forward step.
+
+Workers are brittle by design (piwheels' rule): anything wrong with the root's session
+-- the root vanished, a protocol error, a timeout -- drops that session, logs why, and
+goes back to waiting for a root. The loaded slice is kept, so a root that reconnects
+with the same assignment does not wait for a reload.
+
+    python -m dllama_node.cluster.worker --listen 127.0.0.1:0 [--threads 1]
+
+prints "listening HOST:PORT" on stdout once it accepts connections.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+
+from dllama_node.cluster.protocol import (FORWARD_HEADER, PROTOCOL_VERSION, Connection, Kind,
+                                          DEFAULT_TIMEOUT_S)
+from dllama_node.cluster.sync_tcp import WorkerSync
+from dllama_node.cluster.wire import check_wire
+from dllama_node.common.errors import ClusterError, DllamaError, ProtocolError
+from dllama_node.common.memory import current_rss_bytes
+
+log = logging.getLogger("dllama_node.worker")
+
+
+class LoadedSlice:
+    """What an ASSIGN produced: kept across sessions while the assignment is the same."""
+
+    def __init__(self, key: str, model, transformer, load_s: float):
+        self.key, self.model, self.transformer, self.load_s = key, model, transformer, load_s
+
+    def close(self) -> None:
+        self.model.close()
+
+
+def _assignment_key(a: dict) -> str:
+    return repr((a["model_path"], a["model_size"], sorted(a["slice"].items()), a["seq_len"],
+                 a["batch"], a["threads"], a["wire"]))
+
+
+def load_assignment(a: dict, conn: Connection) -> LoadedSlice:
+    """Open this node's copy of the model, check it is the root's, load the slice."""
+    from dllama_node.engine.forward import Transformer
+    from dllama_node.engine.load import load_weights
+    from dllama_node.engine.weights import SliceSpec
+    from dllama_node.model import open_model
+
+    t0 = time.perf_counter()
+    model = open_model(a["model_path"])
+    try:
+        if model.file_size != a["model_size"]:
+            raise ClusterError(f"model {a['model_path']} here has {model.file_size} bytes, the "
+                               f"root's has {a['model_size']}: not the same file")
+        mine = {k: v for k, v in model.config.__dict__.items() if k != "rope_scaling"}
+        if mine != a["config"]:
+            raise ClusterError(f"model {a['model_path']} here has another shape than the root's "
+                               f"({mine} vs {a['config']})")
+        s = a["slice"]
+        spec = SliceSpec(tuple(s["q_heads"]), tuple(s["kv_heads"]), tuple(s["ffn_rows"]),
+                         tuple(s["vocab_rows"]))
+        weights = load_weights(model, spec)
+        wire = check_wire(a["wire"], model.config.dim)
+        sync = WorkerSync(conn, model.config.dim, a["batch"], wire)
+        transformer = Transformer(weights, a["seq_len"], a["threads"], a["batch"], sync)
+    except BaseException:
+        model.close()
+        raise
+    return LoadedSlice(_assignment_key(a), model, transformer, time.perf_counter() - t0)
+
+
+class Worker:
+    def __init__(self, host: str, port: int, node_id: str, timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.node_id = node_id
+        self.timeout_s = timeout_s
+        self.listener = socket.create_server((host, port), reuse_port=False)
+        self.address = "%s:%d" % self.listener.getsockname()[:2]
+        self.loaded: Optional[LoadedSlice] = None
+
+    def serve_forever(self) -> None:
+        while True:
+            sock, addr = self.listener.accept()
+            conn = Connection(sock, "%s:%d" % addr[:2], self.timeout_s)
+            try:
+                self.session(conn)
+            except ProtocolError as e:
+                log.warning("refused peer %s: %s", conn.peer, e)
+            except ClusterError as e:
+                log.warning("root %s gone: %s; dropping the session, waiting for a root",
+                            conn.peer, e)
+            except DllamaError as e:
+                log.error("session with root %s failed: %s", conn.peer, e)
+                try:
+                    conn.send_json(Kind.ERROR, {"message": f"node {self.node_id}: {e}"})
+                except ClusterError:
+                    pass
+            finally:
+                conn.close()
+
+    def session(self, conn: Connection) -> None:
+        hello = conn.recv_json(Kind.HELLO, "HELLO")
+        log.info("root %s connected (node id %s)", conn.peer, hello.get("node_id"))
+        conn.send_json(Kind.WELCOME, {"version": PROTOCOL_VERSION, "node_id": self.node_id,
+                                      "pid": os.getpid()})
+        while True:
+            kind, length = conn.recv_header("the next request", timeout_s=None)
+            if kind == Kind.ASSIGN:
+                self.assign(conn, conn._json(length, "ASSIGN"))
+            elif kind == Kind.FORWARD:
+                self.forward(conn, length)
+            elif kind == Kind.BYE:
+                conn.recv_bytes(length, "BYE")
+                log.info("root %s ended the session", conn.peer)
+                return
+            else:
+                raise ProtocolError(f"node {conn.peer}: unexpected {kind.name} between steps")
+
+    def assign(self, conn: Connection, a: dict) -> None:
+        key = _assignment_key(a)
+        if self.loaded is None or self.loaded.key != key:
+            if self.loaded is not None:
+                self.loaded.close()
+                self.loaded = None
+            log.info("loading slice %s of %s", a["slice"], a["model_path"])
+            self.loaded = load_assignment(a, conn)
+        else:
+            self.loaded.transformer.sync.conn = conn     # same slice, new root
+        t = self.loaded.transformer
+        conn.send_json(Kind.LOADED, {
+            "node_id": self.node_id, "weights_bytes": t.w.nbytes(),
+            "kv_cache_bytes": t.cache.nbytes, "rss_bytes": current_rss_bytes(),
+            "load_s": round(self.loaded.load_s, 3)})
+
+    def forward(self, conn: Connection, length: int) -> None:
+        if self.loaded is None:
+            raise ProtocolError(f"node {conn.peer}: FORWARD before ASSIGN")
+        t = self.loaded.transformer
+        head = conn.recv_bytes(FORWARD_HEADER.size, "FORWARD header")
+        start_pos, n, want_logits = FORWARD_HEADER.unpack(head)
+        if not 0 < n <= t.batch or start_pos + n > t.seq_len:
+            raise ProtocolError(f"node {conn.peer}: FORWARD of {n} tokens at position "
+                                f"{start_pos} does not fit batch {t.batch} / context {t.seq_len}")
+        x = t.s.x[:n]
+        conn.recv_payload_into(x, length - FORWARD_HEADER.size, "FORWARD input")
+        t.forward_embedded(n, start_pos, bool(want_logits))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="dllama worker node")
+    ap.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0: any free port)")
+    ap.add_argument("--node-id", default=f"{socket.gethostname()}-{os.getpid()}")
+    ap.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                    help="seconds to wait for a peer inside a forward step")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format=f"%(levelname)s worker {args.node_id}: %(message)s")
+    host, _, port = args.listen.rpartition(":")
+    worker = Worker(host or "127.0.0.1", int(port), args.node_id, args.timeout)
+    print(f"listening {worker.address}", flush=True)
+    try:
+        worker.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
