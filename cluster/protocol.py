@@ -35,6 +35,7 @@ MAGIC = b"DLN\x01"
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct("<4sHHQ")
 FORWARD_HEADER = struct.Struct("<QIB3x")
+CHUNK_HEADER = struct.Struct("<HQ")
 MAX_CONTROL_BYTES = 16 << 20          # a JSON message larger than this is not ours
 DEFAULT_TIMEOUT_S = 10.0
 
@@ -50,6 +51,10 @@ class Kind(enum.IntEnum):
     LOGITS = 8
     ERROR = 9        # either way: {"message"}; the sender gives up the session
     BYE = 10         # root -> worker: end of session
+    NEED = 11        # worker -> root: {"what": "manifest"} or {"what": "tensors", "names"}
+    MANIFEST = 12    # root -> worker: the slice manifest (cluster/slices.py), JSON
+    CHUNK = 13       # root -> worker: <HQ name length, offset, then the name and the bytes
+    CHUNK_END = 14   # root -> worker: every chunk asked for has been sent
 
 
 def wire_bytes(n_values: int, wire: str) -> int:
@@ -74,6 +79,7 @@ class Connection:
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), val)
         sock.settimeout(timeout_s)
         self._header = bytearray(HEADER.size)
+        self.pushback: Optional[Tuple[Kind, int]] = None   # a header read ahead, not consumed
 
     @classmethod
     def connect(cls, host: str, port: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> "Connection":
@@ -137,6 +143,9 @@ class Connection:
                     timeout_s: Optional[float] = -1.0) -> Tuple[Kind, int]:
         """(kind, payload length). timeout_s None waits forever (keepalive still
         notices a dead peer); -1 uses the connection's timeout."""
+        if self.pushback is not None:
+            header, self.pushback = self.pushback, None
+            return header
         t = self.timeout_s if timeout_s == -1.0 else timeout_s
         self._recv_exact(memoryview(self._header), what, t)
         magic, version, kind, length = HEADER.unpack(self._header)

@@ -14,6 +14,7 @@ from typing import Callable, List, Optional, Sequence
 from dllama_node.cluster.planning import make_plan, slice_spec
 from dllama_node.cluster.protocol import PROTOCOL_VERSION, Connection, Kind, DEFAULT_TIMEOUT_S
 from dllama_node.cluster.sync_tcp import NodeFailure, Peer, RootSync
+from dllama_node.cluster.transfer import serve_slice
 from dllama_node.cluster.wire import check_wire
 from dllama_node.common.errors import ClusterError
 from dllama_node.common.memory import current_rss_bytes
@@ -48,6 +49,8 @@ class NodeReport:
     kv_cache_bytes: int
     rss_bytes: int
     load_s: float
+    source: str = "file"          # file (its own copy), cache (its slice cache) or stream
+    streamed_bytes: int = 0
 
 
 class ClusterRoot:
@@ -55,10 +58,14 @@ class ClusterRoot:
                  workers: Sequence[WorkerAddress], threads: int = 1, wire: str = "q8_0",
                  max_seq_len: Optional[int] = None, split: Optional[Sequence[float]] = None,
                  batch: int = 64, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 tokenizer_path: Optional[str] = None, load_tokenizer: bool = True):
+                 tokenizer_path: Optional[str] = None, load_tokenizer: bool = True,
+                 stream_weights: bool = False):
+        from dllama_node.cluster.slices import model_identity
         from dllama_node.model import open_model
 
         self.model = open_model(model_path)
+        self.model_identity = model_identity(self.model)
+        self.stream_weights = stream_weights   # workers get slices from here even with a file
         self.model_path = model_path
         self.root_capacity = root_capacity
         self.workers = list(workers)
@@ -77,8 +84,10 @@ class ClusterRoot:
         self.reports: List[NodeReport] = []
 
     # ---- start ---------------------------------------------------------------------
-    def start(self, progress: Optional[Callable[[str], None]] = None) -> ShardPlan:
-        """Connect to every worker, plan over them, assign and load every slice."""
+    def start(self, progress: Optional[Callable[[str], None]] = None,
+              stream_progress: Optional[Callable[[str, int, int], None]] = None) -> ShardPlan:
+        """Connect to every worker, plan over them, assign and load every slice.
+        stream_progress(node_id, bytes_done, bytes_total) while a slice streams."""
         say = progress or (lambda msg: None)
         self._close_peers()
         conns = []
@@ -103,7 +112,8 @@ class ClusterRoot:
                     conn.close()
                     continue
                 conn.send_json(Kind.ASSIGN, {
-                    "model_path": self.model_path, "model_size": self.model.file_size,
+                    "model_path": None if self.stream_weights else self.model_path,
+                    "model_identity": self.model_identity, "model_size": self.model.file_size,
                     "config": {k: v for k, v in cfg.__dict__.items() if k != "rope_scaling"},
                     "slice": {"q_heads": list(node.q_heads), "kv_heads": list(node.kv_heads),
                               "ffn_rows": list(node.ffn_rows),
@@ -127,11 +137,14 @@ class ClusterRoot:
                                        transformer.cache.nbytes, current_rss_bytes(),
                                        time.perf_counter() - t0)]
             for peer in self.peers:
-                r = peer.conn.recv_json(Kind.LOADED, "LOADED", timeout_s=None)
                 node = by_id[peer.node_id]
+                streamed = serve_slice(peer.conn, self.model, slice_spec(node), peer.node_id,
+                                       stream_progress)
+                r = peer.conn.recv_json(Kind.LOADED, "LOADED", timeout_s=None)
                 self.reports.append(NodeReport(peer.node_id, node.role, node.memory.total,
                                                r["weights_bytes"], r["kv_cache_bytes"],
-                                               r["rss_bytes"], r["load_s"]))
+                                               r["rss_bytes"], r["load_s"], r.get("source", "file"),
+                                               streamed))
             self.session = Session(transformer)
             return self.plan
         except BaseException:
@@ -158,9 +171,9 @@ class ClusterRoot:
         self._close_peers()
         self.session = None
 
-    def recover(self, progress=None) -> ShardPlan:
+    def recover(self, progress=None, stream_progress=None) -> ShardPlan:
         """Re-plan and reload over the workers that are left."""
-        return self.start(progress)
+        return self.start(progress, stream_progress)
 
     @property
     def ready(self) -> bool:

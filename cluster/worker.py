@@ -43,43 +43,71 @@ class LoadedSlice:
 
 
 def _assignment_key(a: dict) -> str:
-    return repr((a["model_path"], a["model_size"], sorted(a["slice"].items()), a["seq_len"],
+    return repr((a["model_identity"], a["model_size"], sorted(a["slice"].items()), a["seq_len"],
                  a["batch"], a["threads"], a["wire"]))
 
 
-def load_assignment(a: dict, conn: Connection) -> LoadedSlice:
-    """Open this node's copy of the model, check it is the root's, load the slice."""
+def _own_copy(a: dict):
+    """This node's copy of the root's model file, or None (then the root streams it)."""
+    from dllama_node.cluster.slices import model_identity
+    from dllama_node.model import open_model
+
+    path = a.get("model_path")
+    if not path or not os.path.exists(path):
+        return None
+    model = open_model(path)
+    if model.file_size == a["model_size"] and model_identity(model) == a["model_identity"]:
+        return model
+    log.warning("model %s here is not the root's (%d bytes, identity differs): streaming the "
+                "slice instead", path, model.file_size)
+    model.close()
+    return None
+
+
+def load_assignment(a: dict, conn: Connection, cache) -> LoadedSlice:
+    """Load the slice: from this node's copy of the model when it has the root's file,
+    else from the slice cache, else streamed from the root into the cache."""
+    from dllama_node.cluster.slice_cache import open_slice
+    from dllama_node.cluster.slices import slice_weights
+    from dllama_node.cluster.transfer import fetch_slice
     from dllama_node.engine.forward import Transformer
     from dllama_node.engine.load import load_weights
     from dllama_node.engine.weights import SliceSpec
-    from dllama_node.model import open_model
 
     t0 = time.perf_counter()
-    model = open_model(a["model_path"])
+    s = a["slice"]
+    spec = SliceSpec(tuple(s["q_heads"]), tuple(s["kv_heads"]), tuple(s["ffn_rows"]),
+                     tuple(s["vocab_rows"]))
+    model = _own_copy(a)
+    streamed = 0
+    if model is not None:
+        source = "file"
+    else:
+        path, streamed = fetch_slice(conn, cache)
+        model = open_slice(path)
+        source = "stream" if streamed else "cache"
     try:
-        if model.file_size != a["model_size"]:
-            raise ClusterError(f"model {a['model_path']} here has {model.file_size} bytes, the "
-                               f"root's has {a['model_size']}: not the same file")
-        mine = {k: v for k, v in model.config.__dict__.items() if k != "rope_scaling"}
-        if mine != a["config"]:
-            raise ClusterError(f"model {a['model_path']} here has another shape than the root's "
-                               f"({mine} vs {a['config']})")
-        s = a["slice"]
-        spec = SliceSpec(tuple(s["q_heads"]), tuple(s["kv_heads"]), tuple(s["ffn_rows"]),
-                         tuple(s["vocab_rows"]))
-        weights = load_weights(model, spec)
+        weights = load_weights(model, spec) if source == "file" else slice_weights(model, spec)
         wire = check_wire(a["wire"], model.config.dim)
         sync = WorkerSync(conn, model.config.dim, a["batch"], wire)
         transformer = Transformer(weights, a["seq_len"], a["threads"], a["batch"], sync)
     except BaseException:
         model.close()
         raise
-    return LoadedSlice(_assignment_key(a), model, transformer, time.perf_counter() - t0)
+    loaded = LoadedSlice(_assignment_key(a), model, transformer, time.perf_counter() - t0)
+    loaded.source, loaded.streamed_bytes = source, streamed
+    return loaded
 
 
 class Worker:
-    def __init__(self, host: str, port: int, node_id: str, timeout_s: float = DEFAULT_TIMEOUT_S):
+    def __init__(self, host: str, port: int, node_id: str, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 state_dir: Optional[str] = None):
+        from dllama_node.cluster.slice_cache import SliceCache
+
         self.node_id = node_id
+        self.state_dir = state_dir or os.path.join(
+            os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dllama-node")
+        self.cache = SliceCache(os.path.join(self.state_dir, "slices"))
         self.timeout_s = timeout_s
         self.listener = socket.create_server((host, port), reuse_port=False)
         self.address = "%s:%d" % self.listener.getsockname()[:2]
@@ -130,12 +158,13 @@ class Worker:
                 self.loaded.close()
                 self.loaded = None
             log.info("loading slice %s of %s", a["slice"], a["model_path"])
-            self.loaded = load_assignment(a, conn)
+            self.loaded = load_assignment(a, conn, self.cache)
         else:
             self.loaded.transformer.sync.conn = conn     # same slice, new root
         t = self.loaded.transformer
         conn.send_json(Kind.LOADED, {
-            "node_id": self.node_id, "weights_bytes": t.w.nbytes(),
+            "node_id": self.node_id, "source": self.loaded.source,
+            "streamed_bytes": self.loaded.streamed_bytes, "weights_bytes": t.w.nbytes(),
             "kv_cache_bytes": t.cache.nbytes, "rss_bytes": current_rss_bytes(),
             "load_s": round(self.loaded.load_s, 3)})
 
@@ -159,12 +188,14 @@ def main(argv=None) -> None:
     ap.add_argument("--node-id", default=f"{socket.gethostname()}-{os.getpid()}")
     ap.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                     help="seconds to wait for a peer inside a forward step")
+    ap.add_argument("--state-dir", default=None,
+                    help="where streamed slices are cached (default ~/.cache/dllama-node)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format=f"%(levelname)s worker {args.node_id}: %(message)s")
     host, _, port = args.listen.rpartition(":")
-    worker = Worker(host or "127.0.0.1", int(port), args.node_id, args.timeout)
+    worker = Worker(host or "127.0.0.1", int(port), args.node_id, args.timeout, args.state_dir)
     print(f"listening {worker.address}", flush=True)
     try:
         worker.serve_forever()

@@ -96,6 +96,9 @@ def cluster_options(f):
                      help="Relative share of the work per node, e.g. 2,1,1 (default: equal)."),
         click.option("--wire", type=click.Choice(["q8_0", "f32"]), default="q8_0",
                      show_default=True, help="How activations cross the network."),
+        click.option("--stream-weights", is_flag=True,
+                     help="Workers get their slices from the root (hash-checked, cached on "
+                          "disk) instead of reading their own copy of the model file."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -130,8 +133,8 @@ def sampler_options(f):
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object: prompt_tokens, tokens, text, timings.")
 def generate(model_path, tokenizer_path, threads, max_seq_len, temperature, top_k, top_p,
-             repetition_penalty, seed, nodes, split, wire, prompt, max_tokens, stop, chat_format,
-             as_json):
+             repetition_penalty, seed, nodes, split, wire, stream_weights, prompt, max_tokens, stop,
+             chat_format, as_json):
     """Generate text from a prompt, streaming it to standard output."""
     if prompt is None:
         prompt = sys.stdin.read()
@@ -140,7 +143,7 @@ def generate(model_path, tokenizer_path, threads, max_seq_len, temperature, top_
         max_seq_len=max_seq_len,
         sampler=local_commands.sampler_settings(temperature, top_k, top_p, repetition_penalty, seed),
         prompt=prompt, max_tokens=max_tokens, stop=stop, chat_format=chat_format,
-        as_json=as_json, nodes=nodes, split=split, wire=wire)
+        as_json=as_json, nodes=nodes, split=split, wire=wire, stream_weights=stream_weights)
 
 
 @cli.command()
@@ -172,8 +175,8 @@ def chat(model_path, tokenizer_path, threads, max_seq_len, temperature, top_k, t
 @click.option("--prompt-tokens", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--gen-tokens", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
-def bench(model_path, tokenizer_path, threads, max_seq_len, nodes, split, wire, prompt_tokens,
-          gen_tokens, as_json):
+def bench(model_path, tokenizer_path, threads, max_seq_len, nodes, split, wire, stream_weights,
+          prompt_tokens, gen_tokens, as_json):
     """Measure prompt evaluation and decode speed, and peak memory.
 
     Evaluates PROMPT_TOKENS fixed token ids as one prompt, then generates GEN_TOKENS
@@ -184,7 +187,7 @@ def bench(model_path, tokenizer_path, threads, max_seq_len, nodes, split, wire, 
     local_commands.bench(model_path=model_path, tokenizer_path=tokenizer_path, threads=threads,
                          max_seq_len=max_seq_len, prompt_tokens=prompt_tokens,
                          gen_tokens=gen_tokens, as_json=as_json, nodes=nodes, split=split,
-                         wire=wire)
+                         wire=wire, stream_weights=stream_weights)
 
 
 @cli.command()

@@ -60,19 +60,35 @@ class ClusterRunner:
 def measured_table(reports) -> str:
     """Per node: planned bytes next to what was measured after load."""
     lines = [f"{'node':8}{'role':8}{'planned':>12}{'weights':>12}{'KV cache':>12}{'RSS':>12}"
-             f"{'RSS/plan':>10}{'load s':>8}"]
+             f"{'RSS/plan':>10}{'load s':>8}  source"]
     for r in reports:
         ratio = r.rss_bytes / r.planned_bytes if r.planned_bytes else float("nan")
         lines.append(f"{r.node_id:8}{r.role:8}{format_mib(r.planned_bytes):>12}"
                      f"{format_mib(r.weights_bytes):>12}{format_mib(r.kv_cache_bytes):>12}"
-                     f"{format_mib(r.rss_bytes):>12}{ratio:>10.2f}{r.load_s:>8.2f}")
+                     f"{format_mib(r.rss_bytes):>12}{ratio:>10.2f}{r.load_s:>8.2f}  {r.source}")
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def node_progress(enabled: bool):
+    """stream_progress(node_id, done, total): one bar per node while its slice streams."""
+    from dllama_node.ctl.progress import byte_progress
+
+    bars = {}
+    with contextlib.ExitStack() as stack:
+        def update(node_id: str, done: int, total: int) -> None:
+            if node_id not in bars:
+                bars[node_id] = stack.enter_context(
+                    byte_progress(f"streaming slice to {node_id}", enabled))
+            bars[node_id](done, total)
+        yield update
 
 
 @contextlib.contextmanager
 def open_runner(model_path: str, tokenizer_path: Optional[str], threads: Optional[int],
                 max_seq_len: Optional[int], nodes: int = 1, split: Optional[Sequence[float]] = None,
-                wire: str = "q8_0", quiet: bool = False, load_tokenizer: bool = True) -> Iterator:
+                wire: str = "q8_0", quiet: bool = False, load_tokenizer: bool = True,
+                stream_weights: bool = False) -> Iterator:
     from dllama_node.ctl.progress import byte_progress
 
     if nodes <= 1:
@@ -93,11 +109,14 @@ def open_runner(model_path: str, tokenizer_path: Optional[str], threads: Optiona
     from dllama_node.plan import format_plan
 
     with LocalCluster(model_path, nodes, threads or 1, wire, max_seq_len, split,
-                      tokenizer_path=tokenizer_path, load_tokenizer=load_tokenizer) as root:
+                      tokenizer_path=tokenizer_path, load_tokenizer=load_tokenizer,
+                      stream_weights=stream_weights) as root:
         if not quiet:
             click.echo(f"starting {nodes} nodes on this machine (loopback), "
                        f"{threads or 1} thread(s) each, {wire} on the wire", err=True)
-        root.start(progress=(lambda msg: click.echo(msg, err=True)) if not quiet else None)
+        with node_progress(enabled=not quiet) as streaming:
+            root.start(progress=(lambda msg: click.echo(msg, err=True)) if not quiet else None,
+                       stream_progress=streaming)
         if not quiet:
             click.echo(format_plan(root.plan), err=True)
             click.echo(measured_table(root.reports), err=True)

@@ -200,3 +200,22 @@ def test_cli_generate_on_three_nodes_equals_one(tmp_path):
     assert a["prompt_tokens"] == b["prompt_tokens"] and b["nodes"] == 3
     # random weights give flat logits: compare the first tokens, where near-ties are rare
     assert a["tokens"][:4] == b["tokens"][:4]
+
+
+def test_workers_without_the_file_get_their_slices_streamed_then_cached(model_path, single,
+                                                                         tmp_path):
+    _, ref_tokens = single
+    state = str(tmp_path / "state")
+    for expected_source in ("stream", "cache"):
+        with LocalCluster(model_path, 3, wire="f32", max_seq_len=SEQ, batch=16,
+                          load_tokenizer=False, stream_weights=True, state_dir=state) as root:
+            seen = []
+            root.start(stream_progress=lambda node, done, total: seen.append((node, done, total)))
+            workers = root.reports[1:]
+            assert [r.source for r in workers] == [expected_source] * 2
+            if expected_source == "stream":
+                assert all(r.streamed_bytes >= r.weights_bytes > 0 for r in workers)
+                assert seen and seen[-1][1] == seen[-1][2]
+            else:
+                assert all(r.streamed_bytes == 0 for r in workers) and not seen
+            assert list(root.generate(PROMPT, 64, GREEDY)) == ref_tokens
