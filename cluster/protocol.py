@@ -55,6 +55,7 @@ class Kind(enum.IntEnum):
     MANIFEST = 12    # root -> worker: the slice manifest (cluster/slices.py), JSON
     CHUNK = 13       # root -> worker: <HQ name length, offset, then the name and the bytes
     CHUNK_END = 14   # root -> worker: every chunk asked for has been sent
+    STATS = 15       # root -> worker {"reset": bool}; worker -> root {"compute_s", "sync_s", "steps"}
 
 
 def wire_bytes(n_values: int, wire: str) -> int:

@@ -132,6 +132,7 @@ class ClusterRoot:
             self.sync = RootSync(self.peers, cfg.dim, self.batch, self.wire)
             transformer = Transformer(weights, self.plan.max_seq_len, self.threads, self.batch,
                                       self.sync)
+            transformer.forward = self._timed(transformer.forward)
             self.reports = [NodeReport(root_slice.node_id, root_slice.role,
                                        root_slice.memory.total, weights.nbytes(),
                                        transformer.cache.nbytes, current_rss_bytes(),
@@ -164,6 +165,26 @@ class ClusterRoot:
             log.error("%s", failure)
             self.drop(failure.node_id)
             raise
+
+    def _timed(self, forward):
+        """The root's forward steps, timed: its compute is step time less sync time."""
+        def timed(tokens, start_pos, logits=True):
+            t = time.perf_counter()
+            try:
+                return forward(tokens, start_pos, logits)
+            finally:
+                self.sync.stats.step_s += time.perf_counter() - t
+        return timed
+
+    def node_stats(self, reset: bool = False) -> dict:
+        """node_id -> SyncStats.to_dict() of every node, the root's included."""
+        out = {self.reports[0].node_id: self.sync.stats.to_dict()}
+        for peer in self.peers:
+            peer.conn.send_json(Kind.STATS, {"reset": reset})
+            out[peer.node_id] = peer.conn.recv_json(Kind.STATS, "STATS")
+        if reset:
+            self.sync.stats.reset()
+        return out
 
     def drop(self, node_id: str) -> None:
         """Forget a failed worker; the cluster re-plans over the rest at the next start."""

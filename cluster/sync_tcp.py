@@ -29,9 +29,20 @@ class SyncStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     steps: int = 0
+    step_s: float = 0.0          # wall time of whole forward steps (compute = step - sync)
 
     def reset(self) -> None:
         self.sync_s, self.bytes_sent, self.bytes_received, self.steps = 0.0, 0, 0, 0
+        self.step_s = 0.0
+
+    @property
+    def compute_s(self) -> float:
+        return max(self.step_s - self.sync_s, 0.0)
+
+    def to_dict(self) -> dict:
+        return {"sync_s": self.sync_s, "step_s": self.step_s, "compute_s": self.compute_s,
+                "steps": self.steps, "bytes_sent": self.bytes_sent,
+                "bytes_received": self.bytes_received}
 
 
 def _wire_buffer(n: int, dim: int, wire: str) -> np.ndarray:
@@ -139,11 +150,13 @@ class WorkerSync:
         self.conn, self.dim, self.wire = conn, dim, wire
         self.part = _wire_buffer(batch, dim, wire)
         self.sum_wire = _wire_buffer(batch, dim, wire)
+        self.stats = SyncStats()
 
     def start_forward(self, x, start_pos, logits) -> None:
         return None
 
     def all_reduce(self, buf: np.ndarray, layer: int, phase: str) -> None:
+        t = time.perf_counter()
         n = buf.shape[0]
         out = encode(buf, self.wire, self.part[:n] if self.wire != "f32" else None)
         self.conn.send(Kind.PART, out)
@@ -151,9 +164,15 @@ class WorkerSync:
         length = self.conn.expect(Kind.SUM, f"SUM of layer {layer} {phase}")
         self.conn.recv_payload_into(view, length, f"SUM of layer {layer} {phase}")
         buf[...] = decode(view, self.wire)
+        self.stats.bytes_sent += out.nbytes
+        self.stats.bytes_received += view.nbytes
+        self.stats.sync_s += time.perf_counter() - t
 
     def gather_logits(self, local: np.ndarray) -> np.ndarray:
+        t = time.perf_counter()
         self.conn.send(Kind.LOGITS, np.ascontiguousarray(local, dtype=np.float32))
+        self.stats.bytes_sent += local.nbytes
+        self.stats.sync_s += time.perf_counter() - t
         return local
 
 

@@ -144,6 +144,12 @@ class Worker:
                 self.assign(conn, conn._json(length, "ASSIGN"))
             elif kind == Kind.FORWARD:
                 self.forward(conn, length)
+            elif kind == Kind.STATS:
+                request = conn._json(length, "STATS")
+                stats = self.loaded.transformer.sync.stats if self.loaded else None
+                conn.send_json(Kind.STATS, stats.to_dict() if stats else {})
+                if stats and request.get("reset"):
+                    stats.reset()
             elif kind == Kind.BYE:
                 conn.recv_bytes(length, "BYE")
                 log.info("root %s ended the session", conn.peer)
@@ -179,7 +185,10 @@ class Worker:
                                 f"{start_pos} does not fit batch {t.batch} / context {t.seq_len}")
         x = t.s.x[:n]
         conn.recv_payload_into(x, length - FORWARD_HEADER.size, "FORWARD input")
+        t0 = time.perf_counter()
         t.forward_embedded(n, start_pos, bool(want_logits))
+        t.sync.stats.step_s += time.perf_counter() - t0
+        t.sync.stats.steps += 1
 
 
 def main(argv=None) -> None:

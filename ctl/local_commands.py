@@ -161,7 +161,7 @@ def bench(model_path, tokenizer_path, threads, max_seq_len, prompt_tokens: int, 
             # prompt first, then the decode steps alone for the per-token sync figures
             list(node.generate(prompt, 1, greedy))
             prompt_timing = node.session.timings
-            node.sync_stats.reset()
+            node.node_stats(reset=True)
             produced = 1 + sum(1 for _ in node.generate(node.session.cached, gen_tokens - 1,
                                                          greedy))
             decode_timing = node.session.timings
@@ -184,10 +184,17 @@ def bench(model_path, tokenizer_path, threads, max_seq_len, prompt_tokens: int, 
             "load_s": round(load_s, 3),
         }
         if node.sync_stats is not None:
+            per_node = node.node_stats()
             st = node.sync_stats
             steps = max(st.steps, 1)
+            wall_ms = 1000 * decode_timing.decode_s / max(decode_timing.decode_steps, 1)
+            slowest_ms = max(1000 * d["compute_s"] / max(d["steps"], 1) for d in per_node.values())
             result.update({
-                "sync_ms_per_token": round(1000 * st.sync_s / steps, 3),
+                # what the exchange costs per token beyond the slowest node's own compute
+                "sync_ms_per_token": round(wall_ms - slowest_ms, 3),
+                "root_sync_wait_ms_per_token": round(1000 * st.sync_s / steps, 3),
+                "compute_ms_per_token": {k: round(1000 * d["compute_s"] / max(d["steps"], 1), 3)
+                                         for k, d in per_node.items()},
                 "wire": wire,
                 "wire_bytes_per_token": (st.bytes_sent + st.bytes_received) // steps,
                 "per_node": [{"node_id": r.node_id, "role": r.role,
@@ -205,9 +212,15 @@ def bench(model_path, tokenizer_path, threads, max_seq_len, prompt_tokens: int, 
                f"(weights {format_bytes(result['weights_bytes'])}, "
                f"KV cache {format_bytes(result['kv_cache_bytes'])})")
     if "sync_ms_per_token" in result:
-        click.echo(f"sync           {result['sync_ms_per_token']:.2f} ms per token at the root "
-                   f"(waiting for peers included), "
-                   f"{format_bytes(result['wire_bytes_per_token'])} on the wire per token ({wire})")
+        compute = ", ".join(f"{k} {v:.2f}" for k, v in result["compute_ms_per_token"].items())
+        click.echo(f"compute        ms per token: {compute}")
+        click.echo(f"sync           {result['sync_ms_per_token']:.2f} ms per token beyond the slowest "
+                   f"node's compute; {format_bytes(result['wire_bytes_per_token'])} on the wire "
+                   f"per token at the root ({wire})")
+        for r in result["per_node"]:
+            click.echo(f"memory {r['node_id']:8}RSS {format_bytes(r['rss_bytes'])}, planned "
+                       f"{format_bytes(r['planned_bytes'])} "
+                       f"({r['rss_bytes'] / max(r['planned_bytes'], 1):.2f} of plan)")
 
 
 def make_model(preset: str, weight_type: str, seed: int, output: str) -> None:

@@ -53,6 +53,9 @@ class ClusterRunner:
     def sync_stats(self):
         return self.root.sync.stats
 
+    def node_stats(self, reset: bool = False) -> dict:
+        return self.root.node_stats(reset)
+
     def generate(self, *args, **kw):
         return self.root.generate(*args, **kw)
 
