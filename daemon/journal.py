@@ -199,7 +199,9 @@ class StderrFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
         fields = getattr(record, FIELDS_ATTR, None) or {}
-        shown = " ".join(f"{k}={v}" for k, v in fields.items() if k != "MESSAGE_ID" and v is not None)
+        message = record.getMessage()     # fields the message already spells out are not repeated
+        shown = " ".join(f"{k}={v}" for k, v in fields.items()
+                         if k != "MESSAGE_ID" and v is not None and not (len(str(v)) > 16 and str(v) in message))
         return f"{text} [{shown}]" if shown else text
 
 

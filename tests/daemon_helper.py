@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import threading
 
 import numpy as np
 
@@ -55,13 +56,21 @@ def persona(big_bytes: int, nice: int) -> None:
     big = np.ones(big_bytes, np.uint8)
     small_result = lock_memory([small], node_id="b3")
     big_result = lock_memory([big, big[::2], (big.ctypes.data, 4096)], node_id="b3")
+    started, done = threading.Event(), threading.Event()
+    worker = threading.Thread(target=lambda: (started.set(), done.wait()))
+    worker.start()
+    started.wait()
     prio = raise_priority(nice, node_id="b3")
+    worker_nice = os.getpriority(os.PRIO_PROCESS, worker.native_id)
+    done.set()
+    worker.join()
     with open("/proc/self/status") as f:
         vm_lck = next((line.split()[1] for line in f if line.startswith("VmLck:")), "0")
     unlock_memory(small_result)
     unlock_memory(big_result)
     print(json.dumps({"uid": os.getuid(), "small": small_result.to_dict(), "big": big_result.to_dict(),
-                      "priority": prio.to_dict(), "vm_lck_kib": int(vm_lck)}))
+                      "priority": prio.to_dict(), "worker_nice": worker_nice,
+                      "vm_lck_kib": int(vm_lck)}))
 
 
 def oom(state_dir: str, alloc_bytes: int) -> None:
