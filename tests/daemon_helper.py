@@ -87,8 +87,10 @@ def oom(state_dir: str, alloc_bytes: int) -> None:
 
 
 def previous(state_dir: str) -> None:
+    from dllama_node.daemon.journal import setup_logging
     from dllama_node.daemon.oom import start_run
 
+    setup_logging("b2", logging.INFO)
     record, diagnosis = start_run(state_dir, "b2")
     record.finish(0)
     print(json.dumps(None if diagnosis is None else {
