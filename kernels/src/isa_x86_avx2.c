@@ -12,6 +12,8 @@
  *   in a register tile of ROWS x COLS (row, column) pairs.
  * k is walked in chunks of KC_GROUPS groups, added into y in a fixed order, so a
  * result has the same bits whatever the tiling, thread count or column count.
+ * Decode (one column) reads one row at a time, a linear stream, and prefetches every
+ * line of a group MV_PF_BYTES ahead (whole rows), as the AVX-512 path does.
  */
 #include "dl_kernels.h"
 
@@ -23,6 +25,9 @@
 #define KC_GROUPS 128 /* groups (of 2 blocks) per k chunk: 8192 values */
 #define TILE_ROWS 2   /* register tile: rows x columns (16 ymm registers) */
 #define TILE_COLS 3
+#ifndef MV_PF_BYTES
+#define MV_PF_BYTES 4096 /* decode: prefetch distance, bytes (rounded up to whole rows) */
+#endif
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
@@ -101,9 +106,11 @@ ALWAYS_INLINE __m256i dot_group(int q4, __m256i wl, __m256i wh, const xgroup *xc
 
 #define TILE_STEP(R, C, ROW_PTR, NB)                                                    \
     do {                                                                                \
-        __m256i wl[R], wh[R];                                                           \
-        __m256 wd[R];                                                                   \
+        __m256i wl[TILE_ROWS], wh[TILE_ROWS]; /* R <= TILE_ROWS; not a VLA */           \
+        __m256 wd[TILE_ROWS];                                                           \
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                           \
+            _Pragma("GCC unroll 4") for (int l = 0; l < pf_lines; l++)                  \
+                _mm_prefetch((const char *)ROW_PTR(r) + pf + 64 * l, _MM_HINT_T0);      \
             if (q4) load_q4_group(ROW_PTR(r), NB, &wl[r], &wh[r], &wd[r]);              \
             else load_q8_group(ROW_PTR(r), NB, &wl[r], &wh[r], &wd[r]);                 \
         }                                                                               \
@@ -128,7 +135,7 @@ static inline float hsum(__m256 v) {
  * (0: it is full). w: row 0 at the chunk's first group; x column c at x + c * xcs. */
 ALWAYS_INLINE void tile_q(int q4, int R, int C, int64_t ng, int tail_nb, const uint8_t *w,
                           int64_t ldw, const xgroup *x, int64_t xcs, float *y, int64_t ldy,
-                          int accumulate) {
+                          int accumulate, int64_t pf, int pf_lines) {
     const int64_t gbytes = q4 ? 2 * DL_Q4_0_BYTES : 2 * DL_Q8_0_BYTES;
     __m256 acc[TILE_ROWS][TILE_COLS];
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)
@@ -153,7 +160,7 @@ ALWAYS_INLINE void tile_q(int q4, int R, int C, int64_t ng, int tail_nb, const u
     static void tile_##Q4##_##R##x##C(int64_t ng, int tail_nb, const uint8_t *w,          \
                                       int64_t ldw, const xgroup *x, int64_t xcs,          \
                                       float *y, int64_t ldy, int accumulate) {            \
-        tile_q(Q4, R, C, ng, tail_nb, w, ldw, x, xcs, y, ldy, accumulate);                \
+        tile_q(Q4, R, C, ng, tail_nb, w, ldw, x, xcs, y, ldy, accumulate, 0, 0);          \
     }
 DEFINE_TILE(1, 2, 3)
 DEFINE_TILE(1, 2, 2)
@@ -167,6 +174,24 @@ DEFINE_TILE(0, 2, 1)
 DEFINE_TILE(0, 1, 3)
 DEFINE_TILE(0, 1, 2)
 DEFINE_TILE(0, 1, 1)
+
+/* Decode: rows [0, nr) one at a time over the chunk's ng groups, prefetching every line
+ * of a group pf bytes ahead. A group is 36 (q4_0) or 68 (q8_0) bytes: 1 or 2 lines. */
+ALWAYS_INLINE void matvec_rows(int q4, int64_t nr, int64_t ng, int tail_nb,
+                               const uint8_t *w, int64_t ldw, const xgroup *x, float *y,
+                               int accumulate, int64_t pf) {
+    for (int64_t r = 0; r < nr; r++)
+        tile_q(q4, 1, 1, ng, tail_nb, w + r * ldw, ldw, x, 0, y + r, 0, accumulate, pf,
+               q4 ? 1 : 2);
+}
+static void matvec_q4(int64_t nr, int64_t ng, int tail_nb, const uint8_t *w, int64_t ldw,
+                      const xgroup *x, float *y, int accumulate, int64_t pf) {
+    matvec_rows(1, nr, ng, tail_nb, w, ldw, x, y, accumulate, pf);
+}
+static void matvec_q8(int64_t nr, int64_t ng, int tail_nb, const uint8_t *w, int64_t ldw,
+                      const xgroup *x, float *y, int accumulate, int64_t pf) {
+    matvec_rows(0, nr, ng, tail_nb, w, ldw, x, y, accumulate, pf);
+}
 
 typedef void (*tile_fn)(int64_t, int, const uint8_t *, int64_t, const xgroup *, int64_t,
                         float *, int64_t, int);
@@ -192,6 +217,11 @@ static void gemm_q(int q4, int64_t k, const void *w, int64_t ldw, int64_t nr, co
                 repack_x(xb + (c0 + c) * ldx, n_blocks, g0, ng, xbuf + c * KC_GROUPS);
             const uint8_t *wg = wb + g0 * gbytes;
             float *yc = y + c0 * ldy;
+            if (nc == 1) { /* decode: one linear stream */
+                int64_t pf = (MV_PF_BYTES + ldw - 1) / ldw * ldw;
+                (q4 ? matvec_q4 : matvec_q8)(nr, ng, chunk_tail, wg, ldw, xbuf, yc, g0 > 0, pf);
+                continue;
+            }
             int64_t r = 0;
             tile_fn full = TILES[q4][1][cols - 1], one = TILES[q4][0][cols - 1];
             for (; r + TILE_ROWS <= nr; r += TILE_ROWS)
