@@ -33,7 +33,13 @@ root it follows (or, during an election, the winner it expects).
   root_timeout_s + one tick (well inside 5 s) of losing the old one. A root that said
   goodbye (alive False) is replaced at once.
 - An expected winner that has not announced itself within root_timeout_s of the election
-  is passed over in the next one (at a higher term).
+  is passed over in the next one (at a higher term); so is a followed node that is live at
+  this term or later but no longer announces itself (it has stepped down).
+- With no eligible live node the decision is NO_ROOT, its reason names the never_root
+  nodes, and the term does not move.
+
+`ElectionState.root_confirmed` tells a follower whether its root has announced itself
+(join its cluster) or is only the expected winner of an election (wait).
 
 Views must use what each node advertises (its own entry included): two nodes that rank the
 same claimants from the same adverts agree on the winner.
@@ -162,10 +168,18 @@ def _check(peers: Sequence[PeerView], self_id: str, root_timeout_s: float) -> Pe
 
 def decide(state: ElectionState, peers: Sequence[PeerView], now_s: float, self_id: str,
            root_timeout_s: float = DEFAULT_ROOT_TIMEOUT_S) -> Decision:
-    """One step of the election for node `self_id`.
+    """One step of the election for node `self_id`; the same inputs give the same Decision.
 
     peers: every node this node knows, itself included (its own entry gives its capacity
-    and flags; its term/root_id are taken from `state`). Order does not matter.
+    and flags; its term/root_id are taken from `state`). Order does not matter. A peer
+    counts only while alive and heard within root_timeout_s (last_seen_s).
+
+    As root: KEEP; STEP_DOWN to a better claim (higher term, or equal term and the rule);
+    at a peer's higher term, BECOME_ROOT there again if the rule still picks this node,
+    else STEP_DOWN and expect the winner.
+    As follower: FOLLOW (or KEEP) the best claim at a term >= its own; KEEP waiting while
+    its root (or expected winner) was heard within root_timeout_s; else an election:
+    BECOME_ROOT, START_ELECTION (expecting another winner) or NO_ROOT.
     """
     me = _check(peers, self_id, root_timeout_s)
     me = replace(me, term=state.term, root_id=state.root_id, alive=True, last_seen_s=None)
@@ -182,7 +196,7 @@ def decide(state: ElectionState, peers: Sequence[PeerView], now_s: float, self_i
 
     if i_am_root:
         if not me.eligible:
-            return _elect(state.term, max_term, me, others, now_s, exclude=self_id,
+            return _elect(state.term, max_term, me, others, now_s, exclude=None,
                           action=Action.STEP_DOWN, why=f"node {self_id} is never_root")
         if best is not me:
             heard = best.last_seen_s if best.last_seen_s is not None else now_s
@@ -252,7 +266,7 @@ def _elect(term: int, max_term: int, me: PeerView, others: Sequence[PeerView], n
 
 
 def _no_root_reason(candidates: Sequence[PeerView], exclude: Optional[str]) -> str:
-    excluded = f" ({exclude} is excluded: it failed as root)" if exclude is not None else ""
+    excluded = f" ({exclude} is passed over: it did not serve)" if exclude is not None else ""
     if not candidates:
         return f"no live node to elect{excluded}"
     never = sorted(p.node_id for p in candidates if p.never_root)

@@ -255,6 +255,21 @@ def test_expected_winner_that_never_announces_is_passed_over():
     assert d.action == Action.BECOME_ROOT and d.term == 2
 
 
+def test_election_joins_a_higher_term_already_started():
+    r = PeerView("r", 16 * GiB, has_model=True, term=4, root_id="r", last_seen_s=0.0)  # dead
+    me = PeerView("me", GiB)
+    w = PeerView("w", 8 * GiB, term=4, root_id="r")
+    p = PeerView("p", GiB, term=7, root_id="w")          # p's election at term 7 is under way
+    state = ElectionState(4, "r", 0.0, root_confirmed=True)
+    d = decide(state, [me, w, p, r], 3.5, "me")
+    assert (d.action, d.term, d.root_id) == (Action.START_ELECTION, 7, "w")
+    assert not d.state.root_confirmed
+    d = decide(state, [me, w, r], 3.5, "me")              # nobody ahead: one past its own
+    assert (d.term, d.root_id) == (5, "w")
+    d = decide(ElectionState(5, "w", 0.0), [me, w], 3.5, "me")   # w never announced term 5
+    assert (d.action, d.term, d.root_id) == (Action.BECOME_ROOT, 6, "me")
+
+
 def test_follower_of_a_root_that_moved_on_elects_at_once():
     # r stepped down at term 5 expecting x; x still follows r at term 4.
     x = PeerView("x", 8 * GiB)
