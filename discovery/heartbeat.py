@@ -26,7 +26,7 @@ import logging
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-from dllama_node.common.errors import ProtocolError
+from dllama_node.common.errors import ClusterError, ProtocolError
 
 from .peers import LIVE, PeerTable
 from .static import Endpoint, StaticPeers
@@ -139,8 +139,13 @@ class Heartbeat:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Protocol(self), local_addr=(self.bind_host, self.advert.heartbeat_port))
+        try:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _Protocol(self), local_addr=(self.bind_host, self.advert.heartbeat_port))
+        except OSError as e:
+            raise ClusterError(f"heartbeat: cannot bind UDP {self.bind_host}:"
+                               f"{self.advert.heartbeat_port}: {e.strerror or e}; is another "
+                               "dllama-node running, or is the port taken?") from None
         self._transport = transport
         self._task = asyncio.create_task(self._run(), name=f"heartbeat {self.advert.node_id}")
         log.info("heartbeat on %s:%d every %g s, timeout %g s", self.bind_host,

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Set
 
+from dllama_node.common.errors import UsageError
+
 from .heartbeat import DEFAULT_INTERVAL_S, Heartbeat
 from .peers import DEFAULT_FORGET_AFTER_S, DEFAULT_TIMEOUT_S, LIVE, PeerTable
 from .static import Endpoint, StaticPeers
@@ -50,6 +52,9 @@ class Discovery:
 
     def __init__(self, advert: NodeAdvert, config: DiscoveryConfig = DiscoveryConfig(),
                  clock: Callable[[], float] = time.monotonic) -> None:
+        if not config.timeout_s > config.interval_s:
+            raise UsageError(f"discovery timeout_s = {config.timeout_s:g} must exceed interval_s = "
+                             f"{config.interval_s:g}: peers would be dropped between heartbeats")
         if not advert.instance:
             advert = advert.replace(instance=secrets.token_hex(8))
         self._advert = advert
@@ -116,6 +121,8 @@ class Discovery:
         new = self._advert.replace(revision=self._advert.revision + 1, **changes)
         self._advert = new
         self.heartbeat.advert = new
+        if self.mdns is not None and not self._started:
+            self.mdns.advert = new                  # registered with it when start() runs
         if self._started:
             self._spawn(self.heartbeat.beat_now())
             if self.mdns is not None:

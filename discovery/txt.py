@@ -150,7 +150,7 @@ def _validate(a: NodeAdvert) -> None:
                   "'_', '.' and '-'")
     if not _INSTANCE_RE.match(a.instance):
         raise bad("instance", a.instance, "at most 32 lowercase hex digits")
-    if len(a.address.encode()) > 253 or any(c in a.address for c in " =,\x00"):
+    if _utf8_len(a.address) > 253 or any(c in a.address for c in " =,\x00"):
         raise bad("address", a.address, "a host name or IP address")
     for name in ("port", "heartbeat_port"):
         value = getattr(a, name)
@@ -164,8 +164,16 @@ def _validate(a: NodeAdvert) -> None:
     if not (math.isfinite(a.speed) and a.speed >= 0.0):
         raise bad("speed", a.speed, "a finite number >= 0")
     for m in a.models:
-        if not 1 <= len(m.encode()) <= MODEL_NAME_MAX_BYTES or "\x00" in m:
+        if not 1 <= _utf8_len(m) <= MODEL_NAME_MAX_BYTES or "\x00" in m:
             raise bad("models", m, f"model names of 1-{MODEL_NAME_MAX_BYTES} bytes")
+
+
+def _utf8_len(text: str) -> int:
+    """Bytes of `text` in UTF-8; a huge number for text that has none (lone surrogates)."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return INT64_MAX
 
 
 # --- TXT ------------------------------------------------------------------------------------------
