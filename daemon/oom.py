@@ -377,37 +377,57 @@ _EXIT_NAMES = {errors.EXIT_USAGE: "a usage error", errors.EXIT_MODEL: "a model f
                errors.EXIT_CLUSTER: "a cluster error"}
 
 
-def diagnose_exit(node_id: str, pid: int, returncode: Optional[int], kills: Sequence[OomKill], *,
-                  phase: str = "", available_bytes: Optional[int] = None,
-                  planned_bytes: Optional[int] = None, max_seq_len: Optional[int] = None,
-                  kv_bytes_per_token: Optional[int] = None, fixes: Sequence[str] = (),
+@dataclass(frozen=True)
+class MemoryFacts:
+    """What was known about a node's memory when it died (None: not known)."""
+
+    planned_bytes: Optional[int] = None         # its plan's total
+    available_bytes: Optional[int] = None       # what the plan counted on (its report at planning)
+    last_available_bytes: Optional[int] = None  # its last report before it died
+    last_rss_bytes: Optional[int] = None
+    max_seq_len: Optional[int] = None           # of the plan
+    kv_bytes_per_token: Optional[int] = None    # its KV cache's bytes per position
+
+    def plan_text(self) -> str:
+        """'its plan needed 1.3 GiB with 921 MiB available, 18 MiB left at its last report'."""
+        parts = []
+        if self.planned_bytes is not None:
+            plan = f"its plan needed {needs(self.planned_bytes)}"
+            if self.available_bytes is not None:
+                plan += f" with {have(self.available_bytes)} available"
+            parts.append(plan)
+        if self.last_available_bytes is not None:
+            rss = f", rss {have(self.last_rss_bytes)}" if self.last_rss_bytes is not None else ""
+            parts.append(f"{have(self.last_available_bytes)} left at its last report{rss}")
+        return ", ".join(parts)
+
+
+def diagnose_exit(node_id: str, pid: int, returncode: Optional[int], kills: Sequence[OomKill],
+                  memory: MemoryFacts = MemoryFacts(), *, phase: str = "", fixes: Sequence[str] = (),
                   kernel_log_error: Optional[str] = None) -> Diagnosis:
     """Why process `pid` of node `node_id` ended. Pure.
 
     returncode: as subprocess reports it (negative: killed by that signal; None: unknown).
     kills: the kernel's OOM records (kernel_oom_kills()); the one with this pid is the cause.
-    available_bytes: the node's last reported available memory; planned_bytes: its plan's total.
     fixes: what the planner says would fit (PlanError.fixes); without them, a shorter
-    --max-seq-len is worked out from kv_bytes_per_token, and "add a node" is always offered.
+    --max-seq-len is worked out from the KV cache's bytes per token; "add a node" always.
     """
     during = f" while {phase}" if phase else ""
+    m = memory
     oom = next((k for k in reversed(kills) if k.pid == pid), None)
     if oom is not None:
         parts = [f"anon-rss {have(oom.anon_rss_bytes)}"]
         if oom.scope == "cgroup" and oom.cgroup_limit_bytes is not None:
             cgroup = f"its memory cgroup {oom.memcg}" if oom.memcg else "its memory cgroup"
             parts.append(f"{cgroup} is limited to {have(oom.cgroup_limit_bytes)}")
-        if planned_bytes is not None:
-            plan = f"its plan needed {needs(planned_bytes)}"
-            if available_bytes is not None:
-                plan += f" with {have(available_bytes)} available"
-            parts.append(plan)
+        if m.plan_text():
+            parts.append(m.plan_text())
         todo = list(fixes)
-        if not todo and None not in (planned_bytes, available_bytes, max_seq_len, kv_bytes_per_token):
-            seq = shorter_seq_len(planned_bytes, available_bytes, max_seq_len, kv_bytes_per_token)
+        if not todo and None not in (m.planned_bytes, m.available_bytes, m.max_seq_len, m.kv_bytes_per_token):
+            seq = shorter_seq_len(m.planned_bytes, m.available_bytes, m.max_seq_len, m.kv_bytes_per_token)
             if seq is not None:
                 todo.append(f"use --max-seq-len {seq}")
-        if planned_bytes is not None and available_bytes is not None and planned_bytes <= available_bytes:
+        if None not in (m.planned_bytes, m.available_bytes) and m.planned_bytes <= m.available_bytes:
             todo.insert(0, f"the plan fit, so something else took the memory (another process, or "
                            f"this node used more than planned: rss {have(oom.anon_rss_bytes)})")
         todo.append("add a node")
@@ -416,11 +436,7 @@ def diagnose_exit(node_id: str, pid: int, returncode: Optional[int], kills: Sequ
                    f"{', '.join(parts)}: {', or '.join(todo)}")
         return Diagnosis(node_id, "oom_killed", message, tuple(todo), oom)
 
-    mem = ""
-    if available_bytes is not None:
-        mem = f"; its last report showed {have(available_bytes)} available"
-        if planned_bytes is not None:
-            mem += f" for a plan of {needs(planned_bytes)}"
+    mem = f"; {m.plan_text()}" if m.plan_text() else ""
     if returncode is None:
         why = (f"the kernel log is unreadable ({kernel_log_error})" if kernel_log_error
                else f"the kernel log has no OOM kill of pid {pid}")
@@ -464,11 +480,12 @@ class RunRecord:
     boot_id: str
     started_at: float
     phase: str = "starting"
-    planned_bytes: Optional[int] = None
+    planned_bytes: Optional[int] = None          # the fields of MemoryFacts, flat for the JSON
+    available_bytes: Optional[int] = None
+    last_available_bytes: Optional[int] = None
+    last_rss_bytes: Optional[int] = None
     max_seq_len: Optional[int] = None
     kv_bytes_per_token: Optional[int] = None
-    available_bytes: Optional[int] = None
-    rss_bytes: Optional[int] = None
     clean_exit: bool = False
     ended_at: Optional[float] = None
     exit_status: Optional[int] = None
@@ -497,16 +514,20 @@ class RunRecord:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
+    @property
+    def memory(self) -> MemoryFacts:
+        return MemoryFacts(**{name: getattr(self, name) for name in MemoryFacts.__dataclass_fields__})
+
     def update(self, *, phase: Optional[str] = None, sample: Optional[MemorySample] = None,
                **plan: Optional[int]) -> None:
-        """Record a new phase, the last memory sample and plan numbers (planned_bytes,
-        max_seq_len, kv_bytes_per_token); written at once."""
+        """Record a new phase, the last memory sample, and plan numbers (planned_bytes,
+        available_bytes the plan counted on, max_seq_len, kv_bytes_per_token); written at once."""
         if phase is not None:
             self.phase = phase
         if sample is not None:
-            self.available_bytes, self.rss_bytes = sample.available_bytes, sample.rss_bytes
+            self.last_available_bytes, self.last_rss_bytes = sample.available_bytes, sample.rss_bytes
         for name, value in plan.items():
-            if name not in ("planned_bytes", "max_seq_len", "kv_bytes_per_token"):
+            if name not in ("planned_bytes", "available_bytes", "max_seq_len", "kv_bytes_per_token"):
                 raise TypeError(f"RunRecord.update: unknown field {name}")
             setattr(self, name, value)
         self.save()
@@ -524,9 +545,7 @@ def judge_previous_run(previous: Optional[RunRecord], current_boot_id: str,
         return None
     prev = previous
     if prev.boot_id != current_boot_id:
-        mem = (f"; its last report showed {have(prev.available_bytes)} available"
-               + (f" for a plan of {needs(prev.planned_bytes)}" if prev.planned_bytes is not None else "")
-               if prev.available_bytes is not None else "")
+        mem = f"; {prev.memory.plan_text()}" if prev.memory.plan_text() else ""
         return Diagnosis(prev.node_id, "unknown",
                          f"node {prev.node_id}'s previous run (pid {prev.pid}, started "
                          f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(prev.started_at))}) ended "
@@ -538,9 +557,7 @@ def judge_previous_run(previous: Optional[RunRecord], current_boot_id: str,
         kills = read_kills(prev.started_at)
     except KernelLogUnavailable as e:
         error = str(e)
-    return diagnose_exit(prev.node_id, prev.pid, None, kills, phase=prev.phase,
-                         available_bytes=prev.available_bytes, planned_bytes=prev.planned_bytes,
-                         max_seq_len=prev.max_seq_len, kv_bytes_per_token=prev.kv_bytes_per_token,
+    return diagnose_exit(prev.node_id, prev.pid, None, kills, prev.memory, phase=prev.phase,
                          kernel_log_error=error)
 
 

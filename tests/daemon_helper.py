@@ -3,7 +3,8 @@
 notify                     send READY/STATUS/WATCHDOG/RELOADING/STOPPING through daemon.systemd
 journal TEST_RUN SENDER    log one event of each kind (SENDER: native or auto) to the journal
 persona BIG_BYTES NICE     lock a small and a big array, raise priority; print the results as JSON
-oom STATE_DIR ALLOC_BYTES  start a run record, enter phase "loading", allocate until killed
+oom STATE_DIR ALLOC WARN   start a run record, phase "loading", watch memory (warning below
+                           WARN bytes available) and allocate ALLOC bytes: killed in a small cgroup
 previous STATE_DIR         start a run (judging the previous one); print the diagnosis as JSON
 """
 from __future__ import annotations
@@ -73,17 +74,28 @@ def persona(big_bytes: int, nice: int) -> None:
                       "vm_lck_kib": int(vm_lck)}))
 
 
-def oom(state_dir: str, alloc_bytes: int) -> None:
-    from dllama_node.daemon.oom import sample_memory, start_run
+def oom(state_dir: str, alloc_bytes: int, warn_below_bytes: int) -> None:
+    import time
 
+    from dllama_node.daemon.journal import setup_logging
+    from dllama_node.daemon.oom import MemoryWatch, WatchThresholds, sample_memory, start_run
+
+    setup_logging("b2", logging.INFO)
     record, _ = start_run(state_dir, "b2")
-    record.update(phase="loading", sample=sample_memory(), planned_bytes=alloc_bytes,
-                  max_seq_len=4096, kv_bytes_per_token=8192)
+    at_plan = sample_memory()       # what this node reported for the plan
+    record.update(phase="loading", sample=at_plan, planned_bytes=alloc_bytes,
+                  available_bytes=at_plan.available_bytes, max_seq_len=4096, kv_bytes_per_token=8192)
     print(json.dumps({"pid": os.getpid()}), flush=True)
-    chunks = []
-    for _ in range(alloc_bytes // (8 << 20)):
-        chunks.append(np.ones(8 << 20, np.uint8))    # touched: really resident
-    record.finish(0)                                 # not reached when the limit is below
+    # What the daemon does: watch memory while loading, keep the last warning's sample.
+    watch = MemoryWatch("b2", WatchThresholds(min_available_bytes=warn_below_bytes),
+                        on_warning=lambda w: record.update(sample=w.sample), interval_s=0.005)
+    watch.phase = "loading"
+    with watch:
+        chunks = []
+        for _ in range(alloc_bytes // (4 << 20)):
+            chunks.append(np.ones(4 << 20, np.uint8))    # touched: really resident
+            time.sleep(0.03)
+    record.finish(0)                                     # not reached when the limit is below
 
 
 def previous(state_dir: str) -> None:
@@ -107,7 +119,7 @@ if __name__ == "__main__":
     elif mode == "persona":
         persona(int(args[0]), int(args[1]))
     elif mode == "oom":
-        oom(args[0], int(args[1]))
+        oom(args[0], int(args[1]), int(args[2]))
     elif mode == "previous":
         previous(args[0])
     else:

@@ -1,8 +1,8 @@
 """daemon.oom: kernel records, PSI, the memory watch, diagnoses -- and a real OOM kill.
 
-The real kill runs a child in a cgroup v1 memory cgroup limited to 64 MiB that allocates
-256 MiB; the kernel kills it, /dev/kmsg has the record, diagnose_exit and the next start's
-look at the previous run both name it.
+The real kill runs a child in a memory cgroup limited to 64 MiB that allocates 256 MiB while
+its MemoryWatch looks on: the watch warns first, the kernel kills it, /dev/kmsg has the
+record, and diagnose_exit and the next start's look at the previous run both name it.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import pytest
 
 from dllama_node.common.units import GiB, MiB
 from dllama_node.daemon import oom
-from dllama_node.daemon.oom import (KernelLogUnavailable, MemorySample, MemoryWatch, Pressure, RunRecord,
+from dllama_node.daemon.oom import (KernelLogUnavailable, MemoryFacts, MemorySample, MemoryWatch, Pressure, RunRecord,
                                     WatchThresholds, assess, diagnose_exit, judge_previous_run,
                                     kernel_oom_kills, parse_kmsg_record, parse_oom_kills, parse_psi,
                                     shorter_seq_len, start_run)
@@ -165,8 +165,9 @@ GLOBAL_OOM = parse_oom_kills(records(GLOBAL_KILL), boot_wall_s=1_700_000_000.0)
 
 def test_diagnose_global_oom_kill_with_the_plan():
     planned, available = int(1.3 * GiB), int(0.9 * GiB)
-    d = diagnose_exit("b2", 812, -9, GLOBAL_OOM, phase="loading", planned_bytes=planned,
-                      available_bytes=available, max_seq_len=4096, kv_bytes_per_token=131072)
+    facts = MemoryFacts(planned_bytes=planned, available_bytes=available, max_seq_len=4096,
+                        kv_bytes_per_token=131072)
+    d = diagnose_exit("b2", 812, -9, GLOBAL_OOM, facts, phase="loading")
     at = time.strftime("%H:%M:%S", time.localtime(GLOBAL_OOM[0].time))
     seq = brute_force_seq_len(planned, available, 4096, 131072)
     assert d.kind == "oom_killed" and d.oom.pid == 812
@@ -186,8 +187,8 @@ def test_diagnose_takes_the_planners_fixes_and_names_the_cgroup():
 
 
 def test_diagnose_oom_when_the_plan_fit():
-    d = diagnose_exit("b2", 812, -9, GLOBAL_OOM, phase="serving", planned_bytes=500 * MiB,
-                      available_bytes=900 * MiB)
+    d = diagnose_exit("b2", 812, -9, GLOBAL_OOM, MemoryFacts(planned_bytes=500 * MiB, available_bytes=900 * MiB),
+                      phase="serving")
     assert "the plan fit, so something else took the memory" in d.message
 
 
@@ -196,14 +197,15 @@ def test_diagnose_oom_when_the_plan_fit():
     (5, None, "exited", "exited with status 5 (a memory plan error) while serving"),
     (-signal.SIGKILL, None, "killed", "not by the OOM killer (the kernel log has no OOM kill of pid 99)"),
     (-signal.SIGKILL, "cannot read /dev/kmsg", "killed", "unreadable (cannot read /dev/kmsg), so an OOM kill "
-                                                         "cannot be confirmed; its last report showed 40 MiB"),
+                                                         "cannot be confirmed; its plan needed 300 MiB with 320 MiB available, "
+                                                         "40 MiB left at its last report"),
     (-signal.SIGTERM, None, "killed", "stopped by SIGTERM"),
     (-signal.SIGSEGV, None, "crashed", "crashed with SIGSEGV while serving"),
     (None, None, "unknown", "without a clean exit; the kernel log has no OOM kill of pid 99"),
 ])
 def test_diagnose_other_endings(returncode, error, kind, words):
-    d = diagnose_exit("b4", 99, returncode, GLOBAL_OOM, phase="serving", available_bytes=40 * MiB,
-                      planned_bytes=300 * MiB, kernel_log_error=error)
+    facts = MemoryFacts(planned_bytes=300 * MiB, available_bytes=320 * MiB, last_available_bytes=40 * MiB)
+    d = diagnose_exit("b4", 99, returncode, GLOBAL_OOM, facts, phase="serving", kernel_log_error=error)
     assert d.kind == kind and words in d.message and d.message.startswith("node b4")
 
 
@@ -213,9 +215,12 @@ def test_run_record_round_trip(tmp_path):
     path = str(tmp_path / "last-run.json")
     rec = RunRecord("b2", 123, "boot-a", 1000.0, path=path)
     rec.save()
-    rec.update(phase="loading", planned_bytes=5 * GiB, sample=sample(3 * GiB, rss=200 * MiB))
+    rec.update(phase="loading", planned_bytes=5 * GiB, available_bytes=6 * GiB,
+               sample=sample(3 * GiB, rss=200 * MiB))
     loaded = RunRecord.load(path)
-    assert loaded == rec and loaded.planned_bytes == 5 * GiB and loaded.available_bytes == 3 * GiB
+    assert loaded == rec and loaded.memory == MemoryFacts(planned_bytes=5 * GiB, available_bytes=6 * GiB,
+                                                          last_available_bytes=3 * GiB,
+                                                          last_rss_bytes=200 * MiB)
     with pytest.raises(TypeError, match="unknown field"):
         rec.update(plannned_bytes=1)
     (tmp_path / "last-run.json").write_text("{broken")
@@ -306,7 +311,7 @@ def test_real_oom_kill_is_found_and_diagnosed(tmp_path):
         def enter_cgroup():
             with open(procs, "w") as f:
                 f.write(str(os.getpid()))
-        child = subprocess.Popen([sys.executable, HELPER, "oom", state_dir, str(256 * MiB)],
+        child = subprocess.Popen([sys.executable, HELPER, "oom", state_dir, str(256 * MiB), str(limit // 3)],
                                  preexec_fn=enter_cgroup, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True)
         out, err = child.communicate(timeout=60)
@@ -322,16 +327,21 @@ def test_real_oom_kill_is_found_and_diagnosed(tmp_path):
         assert 32 * MiB < kill.anon_rss_bytes <= limit
         assert started - 2 <= kill.time <= time.time() + 2
 
+        # The watch warned before the kill, and recorded the sample it warned on.
+        assert "[EVENT=memory_pressure PHASE=loading AVAILABLE_BYTES=" in err, err
+        assert "node b2 is running out of memory while loading" in err
         record = RunRecord.load(os.path.join(state_dir, oom.RUN_RECORD_FILE))
         assert record.pid == pid and record.phase == "loading" and not record.clean_exit
-        assert 0 < record.available_bytes <= limit      # the child saw its cgroup's limit
+        assert 0 < record.available_bytes <= limit            # the child saw its cgroup's limit
+        assert 0 <= record.last_available_bytes < limit // 3  # ... and the watch's last sample
 
-        d = diagnose_exit("b2", pid, child.returncode, kernel_oom_kills(since=started), phase=record.phase,
-                          planned_bytes=record.planned_bytes, available_bytes=record.available_bytes)
+        d = diagnose_exit("b2", pid, child.returncode, kernel_oom_kills(since=started), record.memory,
+                          phase=record.phase)
         assert d.kind == "oom_killed" and d.oom.pid == pid
         assert d.message.startswith("node b2 was OOM-killed by the kernel (memory cgroup limit) at ")
         assert "while loading: anon-rss" in d.message and "is limited to 64 MiB" in d.message
-        assert "its plan needed 256 MiB with" in d.message and d.message.endswith("add a node")
+        assert "its plan needed 256 MiB with" in d.message and "left at its last report" in d.message
+        assert d.message.endswith("add a node")
 
         # The next start of the node finds the unclean record and the kernel's record of that pid.
         nxt = subprocess.run([sys.executable, HELPER, "previous", state_dir], capture_output=True,
