@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import signal
@@ -355,7 +354,7 @@ def shorter_seq_len(planned_bytes: int, available_bytes: int, max_seq_len: int,
     shortfall = planned_bytes - available_bytes
     if shortfall <= 0 or kv_bytes_per_token <= 0:
         return None
-    seq = max_seq_len - math.ceil(shortfall / kv_bytes_per_token)
+    seq = max_seq_len - -(-shortfall // kv_bytes_per_token)     # integer ceil: exact for any size
     step = 256 if seq >= 256 else 16
     seq = seq // step * step
     return seq if 16 <= seq < max_seq_len else None

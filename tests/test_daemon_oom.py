@@ -153,6 +153,7 @@ def brute_force_seq_len(planned, available, max_seq_len, kv_per_token):
 @pytest.mark.parametrize("planned, available, max_seq_len, kv", [
     (1.3 * GiB, 0.9 * GiB, 4096, 131072), (1000 * MiB, 990 * MiB, 2048, 65536),
     (2 * GiB, 1 * GiB, 4096, 65536), (900 * MiB, 990 * MiB, 4096, 65536), (1 * GiB, 1 * GiB - 1, 300, 1 << 20),
+    (300 * GiB + 1, 200 * GiB, 131072, 1 << 20),      # a 405B-sized node: ints, no float rounding
 ])
 def test_shorter_seq_len(planned, available, max_seq_len, kv):
     planned, available = int(planned), int(available)
