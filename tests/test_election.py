@@ -92,10 +92,9 @@ def specs(draw, min_size=1, max_size=8, eligible=True):
     n = draw(st.integers(min_size, max_size))
     ids = draw(st.lists(st.text("abcdefgh0123456789-", min_size=1, max_size=6),
                         min_size=n, max_size=n, unique=True))
-    out = [PeerView(node_id=i, available_ram_bytes=draw(st.sampled_from([512 * MiB, GiB, 2 * GiB,
-                                                                         draw(st.integers(0, 16 * GiB))])),
-                    has_model=draw(st.booleans()), never_root=draw(st.booleans()),
-                    coordinator_only=draw(st.booleans()))
+    ram = st.sampled_from([512 * MiB, GiB, 2 * GiB]) | st.integers(0, 16 * GiB)  # ties and spread
+    out = [PeerView(node_id=i, available_ram_bytes=draw(ram), has_model=draw(st.booleans()),
+                    never_root=draw(st.booleans()), coordinator_only=draw(st.booleans()))
            for i in ids]
     if eligible and all(p.never_root for p in out):
         k = draw(st.integers(0, n - 1))
@@ -368,7 +367,8 @@ def test_split_views_converge_to_highest_term(spec_list, data):
     # Two groups, each with its own root (an eligible node) and its own term.
     root_a = data.draw(st.sampled_from(eligible))
     others = [s for s in spec_list if s is not root_a]
-    group_b = data.draw(st.lists(st.sampled_from(others), min_size=1, unique_by=lambda s: s.node_id))
+    group_b = data.draw(st.lists(st.sampled_from(others), min_size=1,
+                                 unique_by=lambda s: s.node_id))
     if all(s.never_root for s in group_b):         # each side needs a node that can be root
         group_b[0] = replace(group_b[0], never_root=False)
         spec_list = [group_b[0] if s.node_id == group_b[0].node_id else s for s in spec_list]
