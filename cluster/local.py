@@ -3,20 +3,24 @@ loopback. What `dllama-ctl generate/bench --nodes N` runs."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from typing import List, Optional, Sequence
 
+from dllama_node.cluster.auth import generate_key, write_key
 from dllama_node.cluster.planning import local_capacities
 from dllama_node.cluster.root import ClusterRoot, WorkerAddress
 from dllama_node.common.errors import ClusterError
 
 
-def spawn_worker(node_id: str, timeout_s: float = 10.0, verbose: bool = False,
+def spawn_worker(node_id: str, key_file: str, timeout_s: float = 10.0, verbose: bool = False,
                  state_dir: Optional[str] = None) -> tuple:
     """Start one worker process on 127.0.0.1; returns (process, host, port)."""
     cmd = [sys.executable, "-m", "dllama_node.cluster.worker", "--listen", "127.0.0.1:0",
-           "--node-id", node_id, "--timeout", str(timeout_s)] + (["-v"] if verbose else [])
+           "--node-id", node_id, "--timeout", str(timeout_s), "--key-file", key_file]
+    cmd += ["-v"] if verbose else []
     if state_dir:
         cmd += ["--state-dir", os.path.join(state_dir, node_id)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
@@ -39,15 +43,21 @@ class LocalCluster:
                  state_dir: Optional[str] = None):
         caps = local_capacities(n_nodes, threads, split)
         self.processes: List[subprocess.Popen] = []
+        # a key for this run only, readable by this user alone
+        self.key_dir = tempfile.mkdtemp(prefix="dllama-key-")
+        key_file = os.path.join(self.key_dir, "cluster.key")
+        key = generate_key()
+        write_key(key_file, key)
         workers = []
         try:
             for cap in caps[1:]:
-                proc, host, port = spawn_worker(cap.node_id, timeout_s, state_dir=state_dir)
+                proc, host, port = spawn_worker(cap.node_id, key_file, timeout_s,
+                                                state_dir=state_dir)
                 self.processes.append(proc)
                 workers.append(WorkerAddress(host, port, cap, proc))
             self.root = ClusterRoot(model_path, caps[0], workers, threads, wire, max_seq_len,
                                     split, batch, timeout_s, tokenizer_path, load_tokenizer,
-                                    stream_weights)
+                                    stream_weights, key)
         except BaseException:
             self._stop()
             raise
@@ -62,6 +72,7 @@ class LocalCluster:
             self._stop()
 
     def _stop(self) -> None:
+        shutil.rmtree(self.key_dir, ignore_errors=True)
         for p in self.processes:
             if p.poll() is None:
                 p.terminate()

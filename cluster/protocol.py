@@ -32,7 +32,7 @@ import numpy as np
 from dllama_node.common.errors import ClusterError, ProtocolError
 
 MAGIC = b"DLN\x01"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2   # 2: HELLO/WELCOME/AUTH carry the cluster-key handshake
 HEADER = struct.Struct("<4sHHQ")
 FORWARD_HEADER = struct.Struct("<QIB3x")
 CHUNK_HEADER = struct.Struct("<HQ")
@@ -41,8 +41,8 @@ DEFAULT_TIMEOUT_S = 10.0
 
 
 class Kind(enum.IntEnum):
-    HELLO = 1        # root -> worker: {"version", "node_id", "cluster"}
-    WELCOME = 2      # worker -> root: {"version", "node_id", "pid", "capacity"}
+    HELLO = 1        # root -> worker: {"version", "node_id", "cluster", "nonce"}
+    WELCOME = 2      # worker -> root: {"version", "node_id", "cluster", "nonce", "proof", "pid"}
     ASSIGN = 3       # root -> worker: what to load (see cluster/worker.py)
     LOADED = 4       # worker -> root: {"weights_bytes", "kv_cache_bytes", "rss_bytes", "load_s"}
     FORWARD = 5
@@ -56,6 +56,7 @@ class Kind(enum.IntEnum):
     CHUNK = 13       # root -> worker: <HQ name length, offset, then the name and the bytes
     CHUNK_END = 14   # root -> worker: every chunk asked for has been sent
     STATS = 15       # root -> worker {"reset": bool}; worker -> root {"compute_s", "sync_s", "steps"}
+    AUTH = 16        # root -> worker: the root's proof of the cluster key (cluster/auth.py)
 
 
 def wire_bytes(n_values: int, wire: str) -> int:

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
+from dllama_node.cluster.auth import INITIATOR, Handshake
 from dllama_node.cluster.planning import make_plan, slice_spec
 from dllama_node.cluster.protocol import PROTOCOL_VERSION, Connection, Kind, DEFAULT_TIMEOUT_S
 from dllama_node.cluster.sync_tcp import NodeFailure, Peer, RootSync
@@ -59,13 +60,14 @@ class ClusterRoot:
                  max_seq_len: Optional[int] = None, split: Optional[Sequence[float]] = None,
                  batch: int = 64, timeout_s: float = DEFAULT_TIMEOUT_S,
                  tokenizer_path: Optional[str] = None, load_tokenizer: bool = True,
-                 stream_weights: bool = False):
+                 stream_weights: bool = False, key: bytes = b"", cluster: str = "default"):
         from dllama_node.cluster.slices import model_identity
         from dllama_node.model import open_model
 
         self.model = open_model(model_path)
         self.model_identity = model_identity(self.model)
         self.stream_weights = stream_weights   # workers get slices from here even with a file
+        self.key, self.cluster = key, cluster
         self.model_path = model_path
         self.root_capacity = root_capacity
         self.workers = list(workers)
@@ -94,8 +96,10 @@ class ClusterRoot:
         try:
             for w in self.workers:
                 conn = Connection.connect(w.host, w.port, self.timeout_s)
-                conn.send_json(Kind.HELLO, {"version": PROTOCOL_VERSION, "node_id": "root"})
-                conn.recv_json(Kind.WELCOME, "WELCOME")
+                hs = Handshake(self.key, INITIATOR, self.cluster, self.root_capacity.node_id)
+                conn.send_json(Kind.HELLO, {"version": PROTOCOL_VERSION, **hs.offer()})
+                conn.send_json(Kind.AUTH, hs.confirm(conn.recv_json(Kind.WELCOME, "WELCOME"),
+                                                     conn.peer))
                 conns.append(conn)
             capacities = [self.root_capacity] + [w.capacity for w in self.workers]
             split = self.split[:len(capacities)] if self.split else None

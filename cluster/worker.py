@@ -24,6 +24,7 @@ import numpy as np
 
 from dllama_node.cluster.protocol import (FORWARD_HEADER, PROTOCOL_VERSION, Connection, Kind,
                                           DEFAULT_TIMEOUT_S)
+from dllama_node.cluster.auth import RESPONDER, AuthenticationError, Handshake, read_key
 from dllama_node.cluster.sync_tcp import WorkerSync
 from dllama_node.cluster.wire import check_wire
 from dllama_node.common.errors import ClusterError, DllamaError, ProtocolError
@@ -100,11 +101,12 @@ def load_assignment(a: dict, conn: Connection, cache) -> LoadedSlice:
 
 
 class Worker:
-    def __init__(self, host: str, port: int, node_id: str, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 state_dir: Optional[str] = None):
+    def __init__(self, host: str, port: int, node_id: str, key: bytes, cluster: str = "default",
+                 timeout_s: float = DEFAULT_TIMEOUT_S, state_dir: Optional[str] = None):
         from dllama_node.cluster.slice_cache import SliceCache
 
         self.node_id = node_id
+        self.key, self.cluster = key, cluster
         self.state_dir = state_dir or os.path.join(
             os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dllama-node")
         self.cache = SliceCache(os.path.join(self.state_dir, "slices"))
@@ -119,7 +121,7 @@ class Worker:
             conn = Connection(sock, "%s:%d" % addr[:2], self.timeout_s)
             try:
                 self.session(conn)
-            except ProtocolError as e:
+            except (ProtocolError, AuthenticationError) as e:
                 log.warning("refused peer %s: %s", conn.peer, e)
             except ClusterError as e:
                 log.warning("root %s gone: %s; dropping the session, waiting for a root",
@@ -134,10 +136,18 @@ class Worker:
                 conn.close()
 
     def session(self, conn: Connection) -> None:
+        # nothing is handled before the root has proven it holds the cluster key
         hello = conn.recv_json(Kind.HELLO, "HELLO")
+        hs = Handshake(self.key, RESPONDER, self.cluster, self.node_id)
+        conn.send_json(Kind.WELCOME, {"version": PROTOCOL_VERSION, "pid": os.getpid(),
+                                      **hs.answer(hello, conn.peer)})
+        try:
+            auth = conn.recv_json(Kind.AUTH, "AUTH")
+        except ClusterError as e:
+            raise AuthenticationError(f"peer {conn.peer} did not prove it holds this cluster's "
+                                      f"key ({e})") from None
+        hs.finish(auth)
         log.info("root %s connected (node id %s)", conn.peer, hello.get("node_id"))
-        conn.send_json(Kind.WELCOME, {"version": PROTOCOL_VERSION, "node_id": self.node_id,
-                                      "pid": os.getpid()})
         while True:
             kind, length = conn.recv_header("the next request", timeout_s=None)
             if kind == Kind.ASSIGN:
@@ -197,6 +207,8 @@ def main(argv=None) -> None:
     ap.add_argument("--node-id", default=f"{socket.gethostname()}-{os.getpid()}")
     ap.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                     help="seconds to wait for a peer inside a forward step")
+    ap.add_argument("--key-file", required=True, help="the cluster key (cluster/auth.py)")
+    ap.add_argument("--cluster", default="default", help="cluster name")
     ap.add_argument("--state-dir", default=None,
                     help="where streamed slices are cached (default ~/.cache/dllama-node)")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -204,7 +216,8 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format=f"%(levelname)s worker {args.node_id}: %(message)s")
     host, _, port = args.listen.rpartition(":")
-    worker = Worker(host or "127.0.0.1", int(port), args.node_id, args.timeout, args.state_dir)
+    worker = Worker(host or "127.0.0.1", int(port), args.node_id, read_key(args.key_file),
+                    args.cluster, args.timeout, args.state_dir)
     print(f"listening {worker.address}", flush=True)
     try:
         worker.serve_forever()

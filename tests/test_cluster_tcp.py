@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 
+from dllama_node.cluster.auth import AuthenticationError, generate_key, read_key, write_key
 from dllama_node.cluster.local import LocalCluster, spawn_worker
 from dllama_node.cluster.planning import local_capacities
 from dllama_node.cluster.protocol import HEADER, MAGIC, Kind
@@ -30,6 +31,13 @@ from tests import hf_models
 PROMPT = [1, 17, 203, 99, 5, 42, 77, 150, 8, 260, 31]
 GREEDY = Sampler(SamplerSettings(temperature=0))
 SEQ = 128
+
+
+@pytest.fixture(scope="module")
+def key_file(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("key") / "cluster.key")
+    write_key(path, generate_key())
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -102,14 +110,15 @@ def test_worker_killed_mid_generation_is_named_and_the_root_recovers(model_path,
         assert list(root.generate(PROMPT, 64, GREEDY)) == ref_tokens
 
 
-def test_worker_survives_a_vanished_root_and_serves_the_next(model_path, single):
+def test_worker_survives_a_vanished_root_and_serves_the_next(model_path, single, key_file):
     _, ref_tokens = single
-    proc, host, port = spawn_worker("w1", timeout_s=5)
+    key = read_key(key_file)
+    proc, host, port = spawn_worker("w1", key_file, timeout_s=5)
     try:
         caps = local_capacities(2)
         address = WorkerAddress(host, port, caps[1], proc)
         first = ClusterRoot(model_path, caps[0], [address], wire="f32", max_seq_len=SEQ,
-                            batch=16, load_tokenizer=False)
+                            batch=16, load_tokenizer=False, key=key)
         first.start()
         gen = first.generate(PROMPT, 64, GREEDY)
         next(gen)
@@ -118,7 +127,7 @@ def test_worker_survives_a_vanished_root_and_serves_the_next(model_path, single)
             p.conn.close()
         first.model.close()
         second = ClusterRoot(model_path, caps[0], [address], wire="f32", max_seq_len=SEQ,
-                             batch=16, load_tokenizer=False)
+                             batch=16, load_tokenizer=False, key=key)
         try:
             second.start()
             assert list(second.generate(PROMPT, 64, GREEDY)) == ref_tokens
@@ -130,10 +139,11 @@ def test_worker_survives_a_vanished_root_and_serves_the_next(model_path, single)
         proc.wait()
 
 
-def _worker_with_log(tmp_path):
+def _worker_with_log(tmp_path, key_file):
     log = open(tmp_path / "worker.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "dllama_node.cluster.worker", "--listen",
-                             "127.0.0.1:0", "--node-id", "w9", "--timeout", "2"],
+                             "127.0.0.1:0", "--node-id", "w9", "--timeout", "2",
+                             "--key-file", key_file],
                             stdout=subprocess.PIPE, stderr=log, text=True)
     host, _, port = proc.stdout.readline().split()[1].rpartition(":")
     return proc, host, int(port), tmp_path / "worker.log"
@@ -157,22 +167,31 @@ def _wait_for(path, words, timeout_s=5.0):
     raise AssertionError(f"{words} not logged; log: {path.read_text()!r}")
 
 
-def test_garbage_and_other_versions_are_refused_with_a_reason(model_path, single, tmp_path):
+def test_garbage_other_versions_and_wrong_keys_are_refused(model_path, single, tmp_path,
+                                                           key_file):
     _, ref_tokens = single
-    proc, host, port, log = _worker_with_log(tmp_path)
+    proc, host, port, log = _worker_with_log(tmp_path, key_file)
     try:
         with socket.create_connection((host, port)) as s:
             s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             assert _hung_up(s)
         _wait_for(log, ["refused peer", "does not speak the dllama protocol"])
         with socket.create_connection((host, port)) as s:
-            s.sendall(HEADER.pack(MAGIC, 2, int(Kind.HELLO), 2) + b"{}")
+            s.sendall(HEADER.pack(MAGIC, 1, int(Kind.HELLO), 2) + b"{}")
             assert _hung_up(s)
-        _wait_for(log, ["refused peer", "protocol version 2"])
-        # and the worker still serves a proper root
+        _wait_for(log, ["refused peer", "protocol version 1"])
+        # a root without the cluster key learns nothing and is refused
         caps = local_capacities(2)
-        root = ClusterRoot(model_path, caps[0], [WorkerAddress(host, port, caps[1], proc)],
-                           wire="f32", max_seq_len=SEQ, batch=16, load_tokenizer=False)
+        address = WorkerAddress(host, port, caps[1], proc)
+        impostor = ClusterRoot(model_path, caps[0], [address], wire="f32", max_seq_len=SEQ,
+                               batch=16, load_tokenizer=False, key=generate_key())
+        with pytest.raises(AuthenticationError, match="cluster key mismatch"):
+            impostor.start()
+        impostor.close()
+        _wait_for(log, ["refused peer", "did not prove it holds this cluster's key"])
+        # and the worker still serves a proper root
+        root = ClusterRoot(model_path, caps[0], [address], wire="f32", max_seq_len=SEQ, batch=16,
+                           load_tokenizer=False, key=read_key(key_file))
         try:
             root.start()
             assert list(root.generate(PROMPT, 16, GREEDY)) == ref_tokens[:16]
