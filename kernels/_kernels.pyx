@@ -55,6 +55,13 @@ cdef extern from "dl_kernels.h":
                           float *out, int64_t ldo, float *scratch,
                           int n_threads) noexcept nogil
 
+cdef extern from *:
+    """
+    /* ops.c: the small kernels follow the matmul path (to move into dl_kernels.h) */
+    void dl_ops_use_isa(const dl_isa *isa);
+    """
+    void dl_ops_use_isa(const dl_isa *isa) noexcept nogil
+
 # GGML type ids of the weights (as in model/quants.py).
 F32 = 0
 F16 = 1
@@ -72,6 +79,7 @@ _U8 = np.dtype(np.uint8)
 _I64 = np.dtype(np.int64)
 
 cdef const dl_isa *_isa = dl_isa_best()
+dl_ops_use_isa(_isa)
 
 
 # ---------------------------------------------------------------- paths
@@ -102,6 +110,7 @@ def use_path(name):
         raise ValueError(f"kernel path {name!r} is not available here; "
                          f"available: {', '.join(available_paths())}")
     _isa = isa
+    dl_ops_use_isa(isa)
     log.debug("kernel path: %s", kernel_path())
 
 
