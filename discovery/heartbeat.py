@@ -133,6 +133,10 @@ class Heartbeat:
         self.received = 0
 
     @property
+    def running(self) -> bool:
+        return self._task is not None
+
+    @property
     def tick_s(self) -> float:
         """How often expiry is checked: a quarter of the shorter of interval and timeout."""
         return min(self.interval_s, self.table.timeout_s) / 4

@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 
 SERVICE_TYPE = "_dllama._tcp.local."
 RESOLVE_TIMEOUT_MS = 3000
+# A changed TXT arrives with the cache-flush bit: the old record lingers in the cache for
+# 1 s (RFC 6762 section 10.2) and zeroconf 0.47 may still answer with it, so an update is
+# read again once the old one has expired.
+REREAD_AFTER_UPDATE_S = 1.2
 
 FoundCallback = Callable[[NodeAdvert, bool], None]
 GoodbyeCallback = Callable[[str], None]
@@ -44,7 +48,8 @@ def host_name(node_id: str) -> str:
 
 
 def local_ipv4_addresses() -> List[str]:
-    """This host's IPv4 addresses, loopback last (ifaddr is a zeroconf dependency)."""
+    """This host's IPv4 addresses but loopback; ["127.0.0.1"] when it has no other
+    (ifaddr is a zeroconf dependency)."""
     import ifaddr
 
     found: List[str] = []
@@ -52,7 +57,8 @@ def local_ipv4_addresses() -> List[str]:
         for ip in adapter.ips:
             if isinstance(ip.ip, str) and ip.ip not in found:
                 found.append(ip.ip)
-    return sorted(found, key=lambda a: ipaddress.IPv4Address(a).is_loopback) or ["127.0.0.1"]
+    routable = [a for a in found if not ipaddress.IPv4Address(a).is_loopback]
+    return routable or ["127.0.0.1"]
 
 
 def pick_address(addresses: Sequence[str], preferred: str = "") -> str:
@@ -102,6 +108,7 @@ class MdnsDiscovery:
         self._aiozc: Optional[AsyncZeroconf] = None
         self._browser: Optional[AsyncServiceBrowser] = None
         self._info: Optional[ServiceInfo] = None
+        self.published: Optional[NodeAdvert] = None     # the advert our TXT holds now
         self._tasks: Set[asyncio.Task] = set()
 
     def _service_info(self, advert: NodeAdvert) -> ServiceInfo:
@@ -118,7 +125,8 @@ class MdnsDiscovery:
             self._aiozc = AsyncZeroconf(interfaces=self.interfaces, ip_version=IPVersion.V4Only)
         self._browser = AsyncServiceBrowser(self._aiozc.zeroconf, SERVICE_TYPE,
                                             handlers=[self._on_state_change])
-        info = self._service_info(self.advert)
+        registering = self.advert
+        info = self._service_info(registering)
         try:
             await (await self._aiozc.async_register_service(info))
         except NonUniqueNameException:
@@ -127,11 +135,12 @@ class MdnsDiscovery:
                                "network by another dllama-node: give each board its own "
                                "node id") from None
         self._info = info
+        self.published = registering
         log.info("mDNS: registered %s at %s port %d", service_name(self.advert.node_id),
                  ", ".join(self.addresses), self.advert.port)
 
     async def update(self, advert: NodeAdvert) -> None:
-        """Publish a changed advert (same node id)."""
+        """Publish a changed advert (same node id); before start() it is only remembered."""
         if advert.node_id != self.advert.node_id:
             raise ValueError(f"mDNS update for node {advert.node_id}, registered as "
                              f"{self.advert.node_id}")
@@ -141,6 +150,7 @@ class MdnsDiscovery:
         info = self._service_info(advert)
         await (await self._aiozc.async_update_service(info))
         self._info = info
+        self.published = advert
         log.debug("mDNS: TXT of %s updated (revision %d)", advert.node_id, advert.revision)
 
     async def stop(self) -> None:
@@ -160,6 +170,7 @@ class MdnsDiscovery:
                 except Exception as e:      # the goodbye is best effort; close regardless
                     log.warning("mDNS: unregistering %s failed: %s", self.advert.node_id, e)
                 self._info = None
+                self.published = None
             await self._aiozc.async_close()
             self._aiozc = None
 
@@ -176,11 +187,18 @@ class MdnsDiscovery:
             log.debug("mDNS: %s said goodbye", name)
             self.on_goodbye(node_id)
             return
-        task = asyncio.get_running_loop().create_task(self._resolve(name))
+        self._spawn(self._resolve(name))
+        if state_change is ServiceStateChange.Updated:
+            self._spawn(self._resolve(name, delay_s=REREAD_AFTER_UPDATE_S))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _resolve(self, name: str) -> None:
+    async def _resolve(self, name: str, delay_s: float = 0.0) -> None:
+        if delay_s:
+            await asyncio.sleep(delay_s)
         if self._aiozc is None:
             return
         info = AsyncServiceInfo(SERVICE_TYPE, name)

@@ -169,7 +169,8 @@ class PeerTable:
                 self._mark_gone(e, now_s, f"no heartbeat for {now_s - e.heard_s:.1f} s "
                                           f"(timeout {self.timeout_s:g} s)")
                 left.append(e.advert)
-            elif e.state == GONE and e.gone_s is not None and now_s - e.gone_s > self.forget_after_s:
+            elif (e.state == GONE and e.gone_s is not None
+                  and now_s - e.gone_s > self.forget_after_s):
                 del self._entries[e.advert.node_id]
             elif e.state == CANDIDATE and now_s - e.found_s > self.forget_after_s:
                 del self._entries[e.advert.node_id]

@@ -94,9 +94,12 @@ class Discovery:
             await self.heartbeat.stop()
             raise
         self._started = True
+        if self.mdns is not None and self.mdns.published != self._advert:
+            self._request_mdns_publish()        # changed while registering
 
     async def stop(self) -> None:
         """Goodbyes on both channels, then every task cancelled and awaited."""
+        log.debug("discovery of %s stopping", self._advert.node_id)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -104,9 +107,11 @@ class Discovery:
         self._tasks.clear()
         self._mdns_updater = None
         await self.heartbeat.stop()
+        log.debug("heartbeat of %s stopped", self._advert.node_id)
         if self.mdns is not None:
             await self.mdns.stop()
         self._started = False
+        log.info("discovery of %s stopped", self._advert.node_id)
 
     async def __aenter__(self) -> "Discovery":
         await self.start()
@@ -121,14 +126,13 @@ class Discovery:
         new = self._advert.replace(revision=self._advert.revision + 1, **changes)
         self._advert = new
         self.heartbeat.advert = new
-        if self.mdns is not None and not self._started:
-            self.mdns.advert = new                  # registered with it when start() runs
-        if self._started:
+        if self.heartbeat.running:
             self._spawn(self.heartbeat.beat_now())
-            if self.mdns is not None:
-                self._mdns_dirty = True
-                if self._mdns_updater is None or self._mdns_updater.done():
-                    self._mdns_updater = self._spawn(self._publish_mdns())
+        if self.mdns is not None:
+            if self._started:
+                self._request_mdns_publish()
+            elif self.mdns.published is None:
+                self.mdns.advert = new          # start() registers it, or republishes after
         return new
 
     # --- internals --------------------------------------------------------------------------------
@@ -143,6 +147,11 @@ class Discovery:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("discovery task failed: %r", task.exception())
+
+    def _request_mdns_publish(self) -> None:
+        self._mdns_dirty = True
+        if self._mdns_updater is None or self._mdns_updater.done():
+            self._mdns_updater = self._spawn(self._publish_mdns())
 
     async def _publish_mdns(self) -> None:
         assert self.mdns is not None

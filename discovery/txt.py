@@ -108,8 +108,8 @@ class NodeAdvert:
             if f.name == "models":
                 ok = isinstance(value, list) and all(isinstance(m, str) for m in value)
             if not ok:
-                raise ProtocolError(f"advert: field {f.name!r} = {value!r:.80}: expected "
-                                    f"{'a list of strings' if f.name == 'models' else expected.__name__}")
+                wanted = "a list of strings" if f.name == "models" else expected.__name__
+                raise ProtocolError(f"advert: field {f.name!r} = {value!r:.80}: expected {wanted}")
             kwargs[f.name] = value
         try:
             return cls(**kwargs)

@@ -79,7 +79,8 @@ def test_txt_limits_every_string_and_the_budget():
     ("node_id", ""), ("cluster", "c" * 64), ("cluster", "a=b"), ("port", 0), ("port", 65536),
     ("heartbeat_port", 0), ("available_ram_bytes", -1), ("memlock_limit_bytes", -2),
     ("cores", 0), ("speed", float("nan")), ("speed", float("inf")), ("speed", -1.0),
-    ("term", 1 << 63), ("models", ("m" * 201,)), ("models", ("",)), ("models", ("\ud800",)), ("root_id", "Bad"),
+    ("term", 1 << 63), ("models", ("m" * 201,)), ("models", ("",)), ("models", ("\ud800",)),
+    ("root_id", "Bad"),
     ("instance", "XYZ"), ("address", "a b"),
 ])
 def test_advert_rejects_out_of_range_fields(field, value):
@@ -284,7 +285,7 @@ def test_pick_address_prefers_the_advertised_then_routable():
     assert pick_address(["fe80::1"]) == ""
 
 
-# --- PeerTable --------------------------------------------------------------------------------------
+# --- PeerTable ------------------------------------------------------------------------------------
 
 class Recorder:
     def __init__(self, table: PeerTable) -> None:
