@@ -54,13 +54,22 @@ class NodeReport:
     streamed_bytes: int = 0
 
 
+class PlanRejected(ClusterError):
+    """A worker re-checked its slice against what it has now and said no."""
+
+    def __init__(self, message: str, node_id: str, available_bytes: int, needed_bytes: int):
+        super().__init__(message)
+        self.node_id, self.available_bytes, self.needed_bytes = node_id, available_bytes, needed_bytes
+
+
 class ClusterRoot:
     def __init__(self, model_path: str, root_capacity: NodeCapacity,
                  workers: Sequence[WorkerAddress], threads: int = 1, wire: str = "q8_0",
                  max_seq_len: Optional[int] = None, split: Optional[Sequence[float]] = None,
                  batch: int = 64, timeout_s: float = DEFAULT_TIMEOUT_S,
                  tokenizer_path: Optional[str] = None, load_tokenizer: bool = True,
-                 stream_weights: bool = False, key: bytes = b"", cluster: str = "default"):
+                 stream_weights: bool = False, key: bytes = b"", cluster: str = "default",
+                 allow_swap: bool = False):
         from dllama_node.cluster.slices import model_identity
         from dllama_node.model import open_model
 
@@ -68,6 +77,7 @@ class ClusterRoot:
         self.model_identity = model_identity(self.model)
         self.stream_weights = stream_weights   # workers get slices from here even with a file
         self.key, self.cluster = key, cluster
+        self.allow_swap = allow_swap
         self.model_path = model_path
         self.root_capacity = root_capacity
         self.workers = list(workers)
@@ -104,7 +114,7 @@ class ClusterRoot:
             capacities = [self.root_capacity] + [w.capacity for w in self.workers]
             split = self.split[:len(capacities)] if self.split else None
             self.plan = make_plan(self.model, capacities, self.max_seq_len, split,
-                                  batch=self.batch)
+                                  allow_swap=self.allow_swap, batch=self.batch)
             by_id = {n.node_id: n for n in self.plan.nodes}
             root_slice = by_id[self.root_capacity.node_id]
             cfg = self.model.config
@@ -123,6 +133,7 @@ class ClusterRoot:
                               "ffn_rows": list(node.ffn_rows),
                               "vocab_rows": list(node.vocab_rows)},
                     "seq_len": self.plan.max_seq_len, "batch": self.batch,
+                    "planned_bytes": node.memory.total - node.memory.reserve,
                     "threads": self.threads, "wire": self.wire})
                 self.peers.append(Peer(w.node_id, conn, tuple(node.vocab_rows), w.process))
             assigned = {p.node_id for p in self.peers} | {root_slice.node_id}
@@ -145,7 +156,7 @@ class ClusterRoot:
                 node = by_id[peer.node_id]
                 streamed = serve_slice(peer.conn, self.model, slice_spec(node), peer.node_id,
                                        stream_progress)
-                r = peer.conn.recv_json(Kind.LOADED, "LOADED", timeout_s=None)
+                r = self._loaded(peer)
                 self.reports.append(NodeReport(peer.node_id, node.role, node.memory.total,
                                                r["weights_bytes"], r["kv_cache_bytes"],
                                                r["rss_bytes"], r["load_s"], r.get("source", "file"),
@@ -157,6 +168,20 @@ class ClusterRoot:
                 conn.close()
             self.peers = []
             raise
+
+    def _loaded(self, peer: Peer) -> dict:
+        """The worker's LOADED, or its reasoned rejection of the slice (PlanRejected)."""
+        kind, length = peer.conn.recv_header(f"LOADED from {peer.node_id}", timeout_s=None)
+        answer = peer.conn._json(length, "LOADED")
+        if kind == Kind.ERROR and "reject" in answer:
+            r = answer["reject"]
+            raise PlanRejected(answer.get("message", ""), peer.node_id,
+                               int(r["available_bytes"]), int(r["needed_bytes"]))
+        if kind == Kind.ERROR:
+            raise ClusterError(f"node {peer.node_id}: {answer.get('message')}")
+        if kind != Kind.LOADED:
+            raise ClusterError(f"node {peer.node_id}: expected LOADED, got {kind.name}")
+        return answer
 
     # ---- serve ---------------------------------------------------------------------
     def generate(self, prompt, max_tokens, sampler, stop_ids=(), vocab_limit=None):

@@ -102,11 +102,13 @@ def load_assignment(a: dict, conn: Connection, cache) -> LoadedSlice:
 
 class Worker:
     def __init__(self, host: str, port: int, node_id: str, key: bytes, cluster: str = "default",
-                 timeout_s: float = DEFAULT_TIMEOUT_S, state_dir: Optional[str] = None):
+                 timeout_s: float = DEFAULT_TIMEOUT_S, state_dir: Optional[str] = None,
+                 on_loaded=None):
         from dllama_node.cluster.slice_cache import SliceCache
 
         self.node_id = node_id
         self.key, self.cluster = key, cluster
+        self.on_loaded = on_loaded       # e.g. lock the slice in RAM
         self.state_dir = state_dir or os.path.join(
             os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dllama-node")
         self.cache = SliceCache(os.path.join(self.state_dir, "slices"))
@@ -167,14 +169,37 @@ class Worker:
             else:
                 raise ProtocolError(f"node {conn.peer}: unexpected {kind.name} between steps")
 
+    def _recheck(self, conn: Connection, a: dict, key: str) -> bool:
+        """Does the slice still fit what this node has now? If not, say so with the numbers."""
+        from dllama_node.common.memory import read_memory
+        from dllama_node.common.units import format_mib
+
+        needed = int(a.get("planned_bytes") or 0)
+        if not needed or (self.loaded is not None and self.loaded.key == key):
+            return True
+        freed = self.loaded.transformer.w.nbytes() if self.loaded is not None else 0
+        available = read_memory().available_bytes + freed
+        if needed <= available:
+            return True
+        message = (f"node {self.node_id} rejects its slice: it needs {format_mib(needed)}, "
+                   f"{format_mib(available)} is available now")
+        log.warning("%s", message)
+        conn.send_json(Kind.ERROR, {"message": message, "reject": {
+            "node_id": self.node_id, "available_bytes": available, "needed_bytes": needed}})
+        return False
+
     def assign(self, conn: Connection, a: dict) -> None:
         key = _assignment_key(a)
+        if not self._recheck(conn, a, key):
+            return
         if self.loaded is None or self.loaded.key != key:
             if self.loaded is not None:
                 self.loaded.close()
                 self.loaded = None
             log.info("loading slice %s of %s", a["slice"], a["model_path"])
             self.loaded = load_assignment(a, conn, self.cache)
+            if self.on_loaded is not None:
+                self.on_loaded(self.loaded.transformer)
         else:
             self.loaded.transformer.sync.conn = conn     # same slice, new root
         t = self.loaded.transformer

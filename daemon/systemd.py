@@ -68,7 +68,8 @@ class Notifier:
             try:
                 if self._sock is None:
                     self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                self._sock.sendto(payload, _address(self._notify_socket))
+                # never block the working loop on a manager that is not reading
+                self._sock.sendto(payload, socket.MSG_DONTWAIT, _address(self._notify_socket))
             except OSError as e:
                 if not self._warned:  # systemd gone (or a bad path): say so once, keep running
                     log.warning("sd_notify to %s failed: %s; notifications are dropped",

@@ -1,0 +1,340 @@
+"""One dllama-node: finds its peers, takes part in the election, and either serves as
+the root (plans, negotiates, drives generation) or as a worker (runs its slice).
+
+Control plane: this asyncio loop -- discovery, heartbeats, election, plan decisions,
+sd_notify, the control socket. Data plane: cluster/worker.py's server in a thread (this
+node as a worker) and cluster/root.py (this node as the root), both blocking code run
+off the loop. Decisions are the pure functions of daemon/election.py and plan/; this
+module applies them.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Dict, List, Optional
+
+from dllama_node.cluster.auth import read_key
+from dllama_node.cluster.root import ClusterRoot, PlanRejected, WorkerAddress
+from dllama_node.cluster.sync_tcp import NodeFailure
+from dllama_node.cluster.worker import Worker
+from dllama_node.common.errors import ClusterError, DllamaError, UsageError
+from dllama_node.daemon import journal, systemd
+from dllama_node.daemon.capacity import measure_capacity
+from dllama_node.daemon.config import DaemonConfig
+from dllama_node.daemon.control import ControlServer
+from dllama_node.daemon.election import Action, ElectionState, PeerView, decide
+from dllama_node.daemon.oom import start_run
+from dllama_node.daemon.resources import lock_memory, raise_priority
+from dllama_node.discovery.service import Discovery, DiscoveryConfig
+from dllama_node.discovery.txt import NodeAdvert
+from dllama_node.plan import NodeCapacity, format_plan
+
+log = logging.getLogger("dllama_node.node")
+
+TICK_S = 0.25
+SETTLE_S = 2.0          # listen for peers this long before the first election
+
+
+def capacity_of(advert: NodeAdvert) -> NodeCapacity:
+    return NodeCapacity(advert.node_id, advert.available_ram_bytes, advert.free_swap_bytes,
+                        advert.memlock_limit_bytes, advert.cores, advert.speed,
+                        advert.coordinator_only)
+
+
+class NodeService:
+    def __init__(self, config: DaemonConfig):
+        self.config = config
+        self.state = "starting"
+        self.election = ElectionState()
+        self.root: Optional[ClusterRoot] = None
+        self.members: tuple = ()             # worker ids the running plan was made for
+        self.overrides: Dict[str, int] = {}  # node -> available bytes it reported on rejecting
+        self.busy = threading.Lock()         # one start or generation at a time
+        self.stopping = asyncio.Event()
+        self.reload_requested = False
+        self.discovery: Optional[Discovery] = None
+        self.last_error = ""
+
+    # ---- start-up ------------------------------------------------------------------
+    def _prepare(self) -> None:
+        c = self.config
+        os.makedirs(c.state_dir, exist_ok=True)
+        self.run_record, diagnosis = start_run(c.state_dir, c.node_id)
+        if diagnosis is not None:
+            journal.log_event("oom_diagnosis", str(diagnosis), node=c.node_id)
+        self.key = read_key(c.key_file)
+        self.capacity = measure_capacity(c.node_id, c.state_dir, n_threads=c.threads or None,
+                                         coordinator_only=c.coordinator_only)
+        self.model_identity = ""
+        if c.model:
+            from dllama_node.cluster.slices import model_identity
+            from dllama_node.model import open_model
+            with open_model(c.model) as m:
+                self.model_identity = model_identity(m)
+        prio = raise_priority(c.nice, node_id=c.node_id)
+        log.info("priority: %s", prio.to_dict())
+        host, port = c.listen_host_port
+        self.worker = Worker(host, port, c.node_id, self.key, c.cluster,
+                             state_dir=c.state_dir, on_loaded=self._lock_slice)
+        self.port = port or int(self.worker.address.rpartition(":")[2])
+
+    def _lock_slice(self, transformer) -> None:
+        if not self.config.lock_memory:
+            return
+        arrays = [transformer.cache.data]
+        for lw in transformer.w.layers:
+            arrays += [lw.wq[0], lw.wk[0], lw.wv[0], lw.wo[0], lw.w_gate[0], lw.w_up[0],
+                       lw.w_down[0]]
+        arrays.append(transformer.w.output[0])
+        result = lock_memory([a for a in arrays if a.size], node_id=self.config.node_id)
+        log.info("memory lock: %s", result.to_dict())
+
+    def advert(self) -> NodeAdvert:
+        c, cap = self.config, self.capacity
+        return NodeAdvert(node_id=c.node_id, cluster=c.cluster, port=self.port,
+                          heartbeat_port=self.port, available_ram_bytes=cap.available_ram_bytes,
+                          free_swap_bytes=cap.free_swap_bytes,
+                          memlock_limit_bytes=cap.memlock_limit_bytes, cores=cap.cores,
+                          speed=cap.speed,
+                          models=(self.model_identity,) if self.model_identity else (),
+                          coordinator_only=c.coordinator_only, never_root=c.never_root)
+
+    # ---- the loop ------------------------------------------------------------------
+    async def run(self) -> None:
+        self._prepare()
+        threading.Thread(target=self.worker.serve_forever, name="data-plane",
+                         daemon=True).start()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self._request_reload)
+        c = self.config
+        dconf = DiscoveryConfig(static_peers=tuple(_endpoint(p) for p in c.static_peers),
+                                mdns=c.mdns, interfaces=list(c.interfaces) or None,
+                                interval_s=c.heartbeat_interval_s,
+                                timeout_s=c.heartbeat_timeout_s)
+        control = ControlServer(c.control_socket, {"status": self._status,
+                                                   "generate": self._generate})
+        async with Discovery(self.advert(), dconf) as discovery:
+            self.discovery = discovery
+            await control.start()
+            self._set_state("discovering")
+            systemd.ready(f"discovering peers of cluster {c.cluster}")
+            started = time.monotonic()
+            interval = systemd.watchdog_interval_s()
+            last_ping = 0.0
+            try:
+                while not self.stopping.is_set():
+                    if interval and time.monotonic() - last_ping >= interval / 2:
+                        systemd.watchdog_ping()       # from the loop that does the work
+                        last_ping = time.monotonic()
+                    if self.reload_requested:
+                        self._reload()
+                    if time.monotonic() - started >= SETTLE_S:
+                        await self._tick()
+                    try:
+                        await asyncio.wait_for(self.stopping.wait(), TICK_S)
+                    except asyncio.TimeoutError:
+                        pass
+            finally:
+                systemd.stopping("stopping")
+                await control.stop()
+                await loop.run_in_executor(None, self._close_root)
+                self.run_record.finish()
+
+    def _set_state(self, state: str, detail: str = "") -> None:
+        if state != self.state:
+            log.info("state: %s%s", state, f" ({detail})" if detail else "")
+        self.state = state
+        systemd.status(f"{state}{': ' + detail if detail else ''}")
+
+    def _request_reload(self) -> None:
+        self.reload_requested = True
+
+    def _reload(self) -> None:
+        from dllama_node.daemon.config import load_config
+        self.reload_requested = False
+        systemd.reloading("reloading configuration")
+        try:
+            new = load_config(self._config_path, flags=self._flags)
+        except UsageError as e:
+            log.error("reload refused: %s", e)
+        else:
+            self.config = new
+            self.members = ()       # re-plan with the new settings
+            log.info("configuration reloaded")
+        systemd.ready(self.state)
+
+    _config_path: Optional[str] = None
+    _flags: dict = {}
+
+    # ---- election and planning -------------------------------------------------------
+    def _views(self, now: float) -> List[PeerView]:
+        me = PeerView(self.config.node_id, self.capacity.available_ram_bytes,
+                      bool(self.model_identity), self.config.never_root,
+                      self.config.coordinator_only, self.election.term,
+                      self.election.root_id, True, now)
+        views = [me]
+        table = self.discovery.table
+        for a in self.discovery.peers():
+            entry = table.entry(a.node_id)
+            views.append(PeerView(a.node_id, a.available_ram_bytes, bool(a.models),
+                                  a.never_root, a.coordinator_only, a.term, a.root_id or None,
+                                  True, entry.heard_s if entry else None))
+        return views
+
+    async def _tick(self) -> None:
+        now = time.monotonic()
+        decision = decide(self.election, self._views(now), now, self.config.node_id)
+        old = self.election
+        self.election = decision.state
+        if (old.term, old.root_id) != (decision.state.term, decision.state.root_id):
+            log.info("election: %s (%s)", decision.action.name, decision.reason)
+            self.discovery.update_advert(term=decision.state.term,
+                                         root_id=decision.state.root_id or "")
+        if decision.state.root_id == self.config.node_id:
+            await self._serve_as_root()
+        else:
+            if self.root is not None:
+                await asyncio.get_running_loop().run_in_executor(None, self._close_root)
+            if decision.action == Action.NO_ROOT:
+                self._set_state("electing", decision.reason)
+            elif decision.state.root_id:
+                self._set_state("serving", f"worker of root {decision.state.root_id}")
+            else:
+                self._set_state("electing")
+
+    async def _serve_as_root(self) -> None:
+        peers = [a for a in self.discovery.peers()]
+        members = tuple(sorted(a.node_id for a in peers))
+        if self.root is not None and self.root.ready and members == self.members:
+            return
+        if not self.model_identity:
+            self._set_state("electing", "root without a model file: cannot plan")
+            return
+        if not self.busy.acquire(blocking=False):
+            return                       # a generation or a start is running; next tick
+        try:
+            self._set_state("planning", f"{len(peers) + 1} nodes")
+            await asyncio.get_running_loop().run_in_executor(None, self._start_root, peers)
+            self.members = members
+            self._set_state("serving", f"root of {len(self.root.reports)} nodes, "
+                                       f"max_seq_len {self.root.plan.max_seq_len}")
+        except DllamaError as e:
+            self.last_error = str(e)
+            log.error("cluster start failed: %s", e)
+            self._set_state("planning", str(e))
+        finally:
+            self.busy.release()
+
+    def _start_root(self, peers: List[NodeAdvert]) -> None:
+        """Plan, negotiate, load (blocking). A node that rejects its slice reports what it
+        has now; the root re-plans with that, at most three times."""
+        self._close_root()
+        c = self.config
+        for attempt in range(3):
+            workers = [WorkerAddress(a.address, a.port, self._capacity_with_override(a))
+                       for a in peers]
+            root_cap = self.capacity
+            root = ClusterRoot(c.model, root_cap, workers, c.threads or root_cap.cores, c.wire,
+                               c.max_seq_len or None, None, key=self.key, cluster=c.cluster,
+                               tokenizer_path=c.tokenizer, allow_swap=c.allow_swap)
+            try:
+                self._set_state("loading")
+                plan = root.start()
+            except PlanRejected as r:
+                root.close()
+                log.warning("%s; re-planning", r)
+                self.overrides[r.node_id] = r.available_bytes
+                continue
+            except BaseException:
+                root.close()
+                raise
+            self.root = root
+            self._lock_slice(root.session.transformer)
+            journal.log_event("plan_table", format_plan(plan), node=c.node_id, phase="planning",
+                              planned_bytes=sum(n.memory.total for n in plan.nodes))
+            for x in plan.excluded:
+                journal.log_event("plan_rejected", f"node {x.node_id} left out: {x.reason}",
+                                  node=x.node_id, phase="planning")
+            self.run_record.update(phase="serving",
+                                   planned_bytes=plan.node(c.node_id).memory.total)
+            return
+        raise ClusterError("the nodes kept rejecting their slices after 3 plans")
+
+    def _capacity_with_override(self, advert: NodeAdvert) -> NodeCapacity:
+        cap = capacity_of(advert)
+        if advert.node_id in self.overrides:
+            from dataclasses import replace
+            cap = replace(cap, available_ram_bytes=min(cap.available_ram_bytes,
+                                                       self.overrides[advert.node_id]))
+        return cap
+
+    def _close_root(self) -> None:
+        if self.root is not None:
+            self.root.close()
+            self.root = None
+            self.members = ()
+
+    # ---- control handlers --------------------------------------------------------------
+    async def _status(self, request: dict, emit) -> dict:
+        plan = self.root.plan.to_dict() if self.root is not None and self.root.plan else None
+        return {"node_id": self.config.node_id, "state": self.state,
+                "root_id": self.election.root_id, "term": self.election.term,
+                "peers": [a.to_dict() for a in self.discovery.peers()] if self.discovery else [],
+                "plan": plan, "last_error": self.last_error}
+
+    async def _generate(self, request: dict, emit) -> dict:
+        if self.root is None or not self.root.ready:
+            raise ClusterError(f"node {self.config.node_id} is not serving as the root (state "
+                               f"{self.state}, root {self.election.root_id or 'none'})")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def work():
+            from dllama_node.engine.sampler import Sampler, SamplerSettings
+            from dllama_node.engine.text import TextStream
+            with self.busy:
+                tok = self.root.tokenizer
+                ids = request.get("prompt_tokens") or tok.encode(request.get("prompt", ""))
+                sampler = Sampler(SamplerSettings(
+                    temperature=float(request.get("temperature", 0.8)),
+                    top_k=int(request.get("top_k", 40)), top_p=float(request.get("top_p", 0.95)),
+                    repetition_penalty=float(request.get("repetition_penalty", 1.0)),
+                    seed=request.get("seed")))
+                stream = TextStream(tok)
+                out = []
+                stops = set(tok.eot_ids) | ({tok.eos_id} if tok.eos_id is not None else set())
+                try:
+                    for t in self.root.generate(ids, int(request.get("max_tokens", 128)), sampler,
+                                                stops, vocab_limit=tok.vocab_size):
+                        out.append(t)
+                        loop.call_soon_threadsafe(queue.put_nowait,
+                                                  {"token": t, "text": stream.push(t)})
+                except NodeFailure as e:
+                    journal.log_event("peer_vanished", str(e), node=e.node_id,
+                                      phase=f"generation, layer {e.layer}")
+                    self.members = ()          # re-plan on the next tick
+                    raise
+                stream.flush()
+                return {"prompt_tokens": list(map(int, ids)), "tokens": out, "text": stream.text}
+
+        future = loop.run_in_executor(None, work)
+        while not future.done() or not queue.empty():
+            try:
+                await emit(await asyncio.wait_for(queue.get(), 0.1))
+            except asyncio.TimeoutError:
+                pass
+        return await future
+
+
+def _endpoint(text: str):
+    host, _, port = text.rpartition(":")
+    try:
+        return host, int(port)
+    except ValueError:
+        raise UsageError(f"static peer {text!r}: expected HOST:PORT") from None

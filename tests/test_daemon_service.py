@@ -1,0 +1,103 @@
+"""A real dllama-node process on loopback: it reports to a real notify socket, elects
+itself, plans, serves generate and status on its control socket, and stops cleanly on
+SIGTERM."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dllama_node.cluster.auth import generate_key, write_key
+from dllama_node.daemon.control import request
+from dllama_node.engine.forward import Transformer
+from dllama_node.engine.generate import Session
+from dllama_node.engine.load import load_weights
+from dllama_node.engine.sampler import Sampler, SamplerSettings
+from dllama_node.model import open_model
+from dllama_node.model.generate import PRESETS, write_random_model
+
+NODE = os.path.join(os.path.dirname(sys.executable), "dllama-node")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_status(sock_path, pred, timeout_s=30):
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = list(request(sock_path, {"op": "status"}, timeout_s=5))[-1]
+            if pred(last):
+                return last
+        except Exception as e:   # not listening yet
+            last = repr(e)
+        time.sleep(0.2)
+    raise AssertionError(f"status never matched; last: {last}")
+
+
+def test_single_daemon_serves_and_stops_cleanly(tmp_path):
+    model = str(tmp_path / "tiny.gguf")
+    write_random_model(model, PRESETS["tiny"], weight_type="q8_0", seed=4)
+    key = str(tmp_path / "cluster.key")
+    write_key(key, generate_key())
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify_path = str(tmp_path / "notify")
+    notify.bind(notify_path)
+    notify.settimeout(0.2)
+    messages = []
+    import threading
+    done = threading.Event()
+
+    def drain():                      # a manager reads its notify socket all the time
+        while not done.is_set():
+            try:
+                messages.append(notify.recv(4096).decode())
+            except socket.timeout:
+                pass
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    ctl = str(tmp_path / "ctl.sock")
+    env = dict(os.environ, NOTIFY_SOCKET=notify_path, WATCHDOG_USEC="2000000",
+               WATCHDOG_PID="", DLLAMA_WIRE="f32")
+    proc = subprocess.Popen([NODE, "--config", str(tmp_path / "none.conf"), "--node-id", "solo",
+                             "--model", model, "--listen", f"127.0.0.1:{_free_port()}",
+                             "--interface", "127.0.0.1", "--control-socket", ctl,
+                             "--state-dir", str(tmp_path / "state"), "--key-file", key],
+                            env=env, stderr=open(tmp_path / "node.log", "w"))
+    try:
+        status = _wait_status(ctl, lambda s: isinstance(s, dict) and s["state"] == "serving")
+        assert status["root_id"] == "solo" and status["term"] >= 1
+        assert status["plan"]["nodes"][0]["node_id"] == "solo"
+        answer = list(request(ctl, {"op": "generate", "prompt_tokens": [1, 5, 9, 200],
+                                    "max_tokens": 12, "temperature": 0}))
+        final = answer[-1]
+        assert final["done"] and len(final["tokens"]) == 12
+        assert [a["token"] for a in answer[:-1]] == final["tokens"]      # streamed one by one
+        with open_model(model) as m:
+            s = Session(Transformer(load_weights(m), 512, 1, 64))
+            expected = list(s.generate([1, 5, 9, 200], 12, Sampler(SamplerSettings(temperature=0))))
+        assert final["tokens"] == expected
+        bad = list(request(ctl, {"op": "nonsense"}))[-1]
+        assert bad["exit_code"] == 2 and "bad request" in bad["error"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    time.sleep(0.3)
+    done.set()
+    reader.join()
+    text = "\n".join(messages)
+    assert "READY=1" in text and "STATUS=serving" in text and "WATCHDOG=1" in text
+    assert "STOPPING=1" in text
+    assert not os.path.exists(ctl)            # the control socket is removed on stop
