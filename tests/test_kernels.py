@@ -309,6 +309,145 @@ def test_attention_caches_as_column_slices(path):
     assert_close(got, want.astype(np.float64), "attention", np.abs(want) + 0.1)
 
 
+def attention_case(n, start_pos, n_heads, head_dim, kv_group, q_head0=0, kv_head0=0,
+                   seed=0, rising=False):
+    """q, caches (NaN past the last token) and the reference output. rising: scores grow
+    along the cache, so each later block of the online softmax raises the maximum."""
+    n_kv = (q_head0 + n_heads - 1) // kv_group - kv_head0 + 1
+    end, seq_len = start_pos + n, start_pos + n + 3
+    rng = rng_for("attc", n, start_pos, n_heads, head_dim, kv_group, seed)
+    q = rng.standard_normal((n, n_heads * head_dim)).astype(np.float32)
+    k_cache = np.full((seq_len, n_kv * head_dim), np.nan, np.float32)
+    v_cache = np.full_like(k_cache, np.nan)
+    k = rng.standard_normal((end, n_kv * head_dim))
+    if rising:  # k_j = q-ish direction times a growing factor
+        k = k * 0.1 + np.tile(np.abs(q[:1, :head_dim]), n_kv) * np.linspace(0, 3, end)[:, None]
+    k_cache[:end] = k
+    v_cache[:end] = rng.standard_normal((end, n_kv * head_dim))
+    want = np.zeros_like(q)
+    R.attention(q, k_cache, v_cache, start_pos, head_dim, kv_group, want, q_head0, kv_head0)
+    return q, k_cache, v_cache, want
+
+
+# head_dim 7 and 22 leave tails after the 2-wide and 8-wide steps; kv_group 8 and 4 run
+# the heads side by side (lanes), 2 and 1 one head at a time; 700 positions are 6 blocks
+@pytest.mark.parametrize("head_dim", [7, 22, 64])
+@pytest.mark.parametrize("kv_group,n_heads,q_head0,kv_head0", [
+    (8, 16, 0, 0), (4, 7, 3, 0), (2, 6, 2, 1), (1, 3, 0, 0)])
+@pytest.mark.parametrize("n,start_pos,rising", [(1, 700, True), (3, 130, False)])
+def test_attention_groups_tails_and_long_context(path, head_dim, kv_group, n_heads, q_head0,
+                                                 kv_head0, n, start_pos, rising):
+    q, k_cache, v_cache, want = attention_case(n, start_pos, n_heads, head_dim, kv_group,
+                                               q_head0, kv_head0, rising=rising)
+    got = np.full_like(q, np.nan)
+    K.attention(q, k_cache, v_cache, start_pos, head_dim, kv_group, got, q_head0, kv_head0, 2)
+    assert_close(got, want.astype(np.float64), "attention", np.abs(want) + 0.1)
+
+
+@pytest.mark.parametrize("kv_group,n_heads", [(8, 32), (8, 8), (1, 4)])
+@pytest.mark.parametrize("n,start_pos", [(1, 300), (5, 40)])
+def test_attention_same_bits_for_any_threads(path, kv_group, n_heads, n, start_pos):
+    """Threads split the heads that share a KV head into smaller groups when there are
+    few groups (8 heads, one KV head, 4 threads: groups of 2): no result moves a bit."""
+    q, k_cache, v_cache, _ = attention_case(n, start_pos, n_heads, 64, kv_group, seed=1)
+    outs = []
+    for n_threads in (1, 2, 3, 4):
+        out = np.zeros_like(q)
+        K.attention(q, k_cache, v_cache, start_pos, 64, kv_group, out, n_threads=n_threads)
+        outs.append(out)
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])
+
+
+def test_silu_mul_and_softmax_over_the_whole_exp_range(path):
+    """The polynomial exp: every magnitude from underflow to overflow, and NaN."""
+    g = np.linspace(-100.0, 100.0, 20001).astype(np.float32)[None, :]
+    g[0, :4] = [-88.5, 88.5, -87.25, 87.75]
+    up = np.ones_like(g)
+    want, got = g.copy(), g.copy()
+    R.silu_mul(want, up)
+    K.silu_mul(got, up)
+    assert_close(got, want.astype(np.float64), "silu_mul")
+    x = np.linspace(-90.0, 5.0, 4001).astype(np.float32)[None, :]
+    want, got = x.copy(), x.copy()
+    R.softmax(want)
+    K.softmax(got)
+    assert_close(got, want.astype(np.float64), "softmax")
+    nan = np.array([[np.nan, 1.0, -1.0]], np.float32)
+    K.silu_mul(nan, np.ones_like(nan))
+    assert np.isnan(nan[0, 0]) and np.isfinite(nan[0, 1:]).all()
+
+
+# ---------------------------------------------------------------- the thread pool
+
+def test_concurrent_callers_get_the_same_bits():
+    """Python threads calling threaded kernels at once (the GIL is released): one owns
+    the pool, the others run on their own thread; every result is bit for bit the
+    single-threaded one."""
+    import threading
+
+    w = make_weights(K.Q4_0, 517, 32 * 40, 20)
+    xs = [make_x(K.Q4_0, n, 32 * 40, 30 + n) for n in (1, 1, 3, 1, 9, 1)]
+    want = []
+    for x in xs:
+        out = np.zeros((x.shape[0], 517), np.float32)
+        K.matmul(w, K.Q4_0, x, out, 1)
+        want.append(out)
+    errors = []
+
+    def work(i):
+        try:
+            for _ in range(40):
+                out = np.zeros_like(want[i])
+                K.matmul(w, K.Q4_0, xs[i], out, 2 + i % 3)
+                np.testing.assert_array_equal(out, want[i])
+        except AssertionError as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a kernel call hung"
+    assert not errors, errors[0]
+
+
+def test_threaded_kernels_work_in_a_forked_child():
+    """After fork() the pool's workers are gone: the child starts its own (it would
+    wait forever on the parent's)."""
+    code = (
+        "import os, numpy as np\n"
+        "from dllama_node import kernels as K\n"
+        "from dllama_node.model import quants\n"
+        "rng = np.random.default_rng(0)\n"
+        "w = quants.quantize_q4_0(rng.standard_normal((999, 512)).astype(np.float32))\n"
+        "x = quants.quantize_q8_0(rng.standard_normal((1, 512)).astype(np.float32))\n"
+        "a = np.zeros((1, 999), np.float32); b = np.zeros_like(a)\n"
+        "K.matmul(w, K.Q4_0, x, a, 2)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    K.matmul(w, K.Q4_0, x, b, 2)\n"
+        "    os._exit(0 if (a == b).all() else 1)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "print('child', os.waitstatus_to_exitcode(status))\n"
+    )
+    r = run_python(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "child 0"
+
+
+def test_more_threads_than_cores_and_rows():
+    w = make_weights(K.Q8_0, 45, 32 * 70, 21)
+    x = make_x(K.Q8_0, 2, 32 * 70, 22)
+    want = np.zeros((2, 45), np.float32)
+    K.matmul(w, K.Q8_0, x, want, 1)
+    for n_threads in (5, 16, 64):
+        got = np.zeros_like(want)
+        K.matmul(w, K.Q8_0, x, got, n_threads)
+        np.testing.assert_array_equal(got, want)
+
+
 # ---------------------------------------------------------------- checks and paths
 
 def msg(*numbers):
