@@ -101,7 +101,10 @@ class _Protocol(asyncio.DatagramProtocol):
         self.owner = owner
 
     def datagram_received(self, data: bytes, addr: Tuple) -> None:
-        self.owner._received(data, (addr[0], addr[1]))
+        try:
+            self.owner._received(data, (addr[0], addr[1]))
+        except Exception:       # a bug here must not silence the socket
+            log.exception("heartbeat: handling a datagram from %s:%d failed", addr[0], addr[1])
 
     def error_received(self, exc: Exception) -> None:
         log.debug("heartbeat socket: %s", exc)
@@ -185,10 +188,13 @@ class Heartbeat:
         next_round = self.clock()
         while True:
             now = self.clock()
-            if now >= next_round:
-                await self._round()
-                next_round = now + self.interval_s
-            self.table.expire(self.clock())
+            try:
+                if now >= next_round:
+                    next_round = now + self.interval_s
+                    await self._round()
+                self.table.expire(self.clock())
+            except Exception:   # keep beating: peers would drop this node otherwise
+                log.exception("heartbeat round failed")
             await asyncio.sleep(min(self.tick_s, max(0.0, next_round - self.clock())))
 
     def _live_endpoints(self) -> List[Endpoint]:
