@@ -19,9 +19,22 @@ from dllama_node.common.errors import UsageError
 DEFAULT_CONFIG_PATH = "/etc/dllama-node/dllama-node.conf"
 
 
+def default_node_id() -> str:
+    """The host name, made a valid node id, with a few characters of the machine id:
+    every Raspberry Pi OS board starts out called "raspberrypi"."""
+    import re
+    host = re.sub(r"[^a-z0-9-]+", "-", socket.gethostname().lower()).strip("-")[:40] or "node"
+    try:
+        with open("/etc/machine-id") as f:
+            suffix = f.read().strip()[:6]
+    except OSError:
+        suffix = ""
+    return f"{host}-{suffix}" if suffix else host
+
+
 @dataclass(frozen=True)
 class DaemonConfig:
-    node_id: str = field(default_factory=socket.gethostname)
+    node_id: str = field(default_factory=default_node_id)
     cluster: str = "default"                # only nodes of the same cluster name join
     model: Optional[str] = None             # model file this node holds (GGUF or .m)
     tokenizer: Optional[str] = None
