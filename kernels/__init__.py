@@ -2,6 +2,7 @@
 
     from dllama_node import kernels
     kernels.matmul(w, kernels.Q4_0, xq, out, n_threads)
+    kernels.matmul_multi([(wq, kernels.Q4_0, q), (wk, kernels.Q4_0, k)], x, xq, n_threads)
 
 Every function has the name and arguments of its numpy twin in
 dllama_node.kernels.reference (the contract and the test oracle); see that module for
@@ -21,6 +22,7 @@ try:
         available_paths,
         kernel_path,
         matmul,
+        matmul_multi,
         quantize_q8_0,
         rmsnorm,
         rope,
@@ -43,6 +45,6 @@ from dllama_node.kernels.reference import dequantize_weights  # noqa: E402,F401
 __all__ = [
     "F32", "F16", "Q4_0", "Q8_0",
     "kernel_path", "available_paths", "use_path",
-    "quantize_q8_0", "dequantize_weights", "matmul",
+    "quantize_q8_0", "dequantize_weights", "matmul", "matmul_multi",
     "rmsnorm", "rope", "softmax", "silu_mul", "attention",
 ]

@@ -57,10 +57,37 @@ cdef extern from "dl_kernels.h":
 
 cdef extern from *:
     """
-    /* ops.c: the small kernels follow the matmul path (to move into dl_kernels.h) */
+    /* To move into dl_kernels.h. ops.c: the small kernels follow the matmul path. */
     void dl_ops_use_isa(const dl_isa *isa);
+    /* matmul.c: several matmuls in one parallel call; one dl_matmul_arg per matrix
+     * holds dl_matmul's arguments for it (the same struct is in matmul.c). */
+    typedef struct {
+        int type;
+        int64_t k;
+        const void *w;
+        int64_t ldw, nr;
+        const void *x;
+        int64_t ldx, nc;
+        float *y;
+        int64_t ldy;
+    } dl_matmul_arg;
+    #define DL_MULTI_MAX 16
+    int dl_matmul_multi(const dl_isa *isa, int n_mats, const dl_matmul_arg *mats,
+                        int n_threads);
     """
     void dl_ops_use_isa(const dl_isa *isa) noexcept nogil
+    ctypedef struct dl_matmul_arg:
+        int type
+        int64_t k
+        const void *w
+        int64_t ldw, nr
+        const void *x
+        int64_t ldx, nc
+        float *y
+        int64_t ldy
+    enum: DL_MULTI_MAX
+    int dl_matmul_multi(const dl_isa *isa, int n_mats, const dl_matmul_arg *mats,
+                        int n_threads) noexcept nogil
 
 # GGML type ids of the weights (as in model/quants.py).
 F32 = 0
@@ -177,6 +204,77 @@ def quantize_q8_0(x, out, int n_threads=1):
         dl_quantize_rows_q8_0(_isa, &xv[0, 0], ldx, &ov[0, 0], ldo, n, k, n_threads)
 
 
+cdef int _matmul_arg(str fn, w, int wtype, x, out, dl_matmul_arg *a) except -1:
+    """Check the arrays of one matmul (shapes as matmul documents them) and fill `a`.
+    Returns 1 when there is nothing to compute (no rows or tokens; k == 0 zeroes out),
+    else 0. The pointers stay valid while the caller holds the arrays."""
+    if wtype not in _TYPE_NAMES:
+        raise ValueError(f"{fn}: weight type {wtype} is not one of "
+                         f"F32=0, F16=1, Q4_0=2, Q8_0=8")
+    cdef str tname = _TYPE_NAMES[wtype]
+    cdef int64_t k, rows, n, row_bytes, block_bytes
+    _check_array(fn, "out", out, _F32, 2, writable=True)
+    if wtype in _BLOCK_BYTES:
+        block_bytes = _BLOCK_BYTES[wtype]
+        _check_array(fn, "w", w, _U8, 2)
+        _check_array(fn, "x", x, _U8, 2)
+        if x.shape[1] % Q8_0_BYTES:
+            raise ValueError(f"{fn}: x has {x.shape[1]} bytes per row, expected q8_0 "
+                             f"blocks: a multiple of {Q8_0_BYTES}")
+        k = x.shape[1] // Q8_0_BYTES * QK
+        row_bytes = k // QK * block_bytes
+        if w.shape[1] != row_bytes:
+            raise ValueError(f"{fn}: x holds {x.shape[1]} bytes of q8_0 per row (k = {k}); "
+                             f"{tname} weights need {k} // {QK} * {block_bytes} = "
+                             f"{row_bytes} bytes per row, found {w.shape[1]}")
+    else:
+        _check_array(fn, "w", w, _F32 if wtype == F32 else _F16, 2)
+        _check_array(fn, "x", x, _F32, 2)
+        k = x.shape[1]
+        if w.shape[1] != k:
+            raise ValueError(f"{fn}: x has {k} columns, {tname} weights need {k} "
+                             f"columns per row, found {w.shape[1]}")
+    rows, n = w.shape[0], x.shape[0]
+    if out.shape[0] != n or out.shape[1] != rows:
+        raise ValueError(f"{fn}: out has shape {out.shape}, expected ({n}, {rows}) "
+                         f"for {n} tokens and {rows} weight rows")
+    if rows == 0 or n == 0:
+        return 1
+    if k == 0:
+        out[...] = 0
+        return 1
+
+    cdef const uint8_t[:, :] wq
+    cdef const uint16_t[:, :] wh
+    cdef const float[:, :] wf
+    cdef const uint8_t[:, :] xq
+    cdef const float[:, :] xf
+    cdef float[:, :] ov = out
+    if wtype in _BLOCK_BYTES:
+        wq = w
+        xq = x
+        a.w = &wq[0, 0]
+        a.x = &xq[0, 0]
+    else:
+        if wtype == F16:
+            wh = w.view(np.uint16)
+            a.w = &wh[0, 0]
+        else:
+            wf = w
+            a.w = &wf[0, 0]
+        xf = x
+        a.x = &xf[0, 0]
+    a.type = wtype
+    a.k = k
+    a.ldw = w.strides[0] if rows > 1 else w.shape[1] * w.itemsize
+    a.nr = rows
+    a.ldx = x.strides[0] if n > 1 else x.shape[1] * x.itemsize
+    a.nc = n
+    a.y = &ov[0, 0]
+    a.ldy = _ld(out)
+    return 0
+
+
 def matmul(w, int wtype, x, out, int n_threads=1):
     """out[t, r] = dot(w[r], x[t]).
 
@@ -186,73 +284,49 @@ def matmul(w, int wtype, x, out, int n_threads=1):
          float32 (n, k) for F32 / F16 weights
     out  float32 (n, rows)
     """
-    if wtype not in _TYPE_NAMES:
-        raise ValueError(f"matmul: weight type {wtype} is not one of "
-                         f"F32=0, F16=1, Q4_0=2, Q8_0=8")
-    cdef str tname = _TYPE_NAMES[wtype]
-    cdef int64_t k, rows, n, row_bytes, block_bytes
-    _check_array("matmul", "out", out, _F32, 2, writable=True)
+    cdef dl_matmul_arg a
     _check_threads("matmul", n_threads)
-    if wtype in _BLOCK_BYTES:
-        block_bytes = _BLOCK_BYTES[wtype]
-        _check_array("matmul", "w", w, _U8, 2)
-        _check_array("matmul", "x", x, _U8, 2)
-        if x.shape[1] % Q8_0_BYTES:
-            raise ValueError(f"matmul: x has {x.shape[1]} bytes per row, expected q8_0 "
-                             f"blocks: a multiple of {Q8_0_BYTES}")
-        k = x.shape[1] // Q8_0_BYTES * QK
-        row_bytes = k // QK * block_bytes
-        if w.shape[1] != row_bytes:
-            raise ValueError(f"matmul: x holds {x.shape[1]} bytes of q8_0 per row (k = {k}); "
-                             f"{tname} weights need {k} // {QK} * {block_bytes} = "
-                             f"{row_bytes} bytes per row, found {w.shape[1]}")
-    else:
-        _check_array("matmul", "w", w, _F32 if wtype == F32 else _F16, 2)
-        _check_array("matmul", "x", x, _F32, 2)
-        k = x.shape[1]
-        if w.shape[1] != k:
-            raise ValueError(f"matmul: x has {k} columns, {tname} weights need {k} "
-                             f"columns per row, found {w.shape[1]}")
-    rows, n = w.shape[0], x.shape[0]
-    if out.shape[0] != n or out.shape[1] != rows:
-        raise ValueError(f"matmul: out has shape {out.shape}, expected ({n}, {rows}) "
-                         f"for {n} tokens and {rows} weight rows")
-    if rows == 0 or n == 0:
+    if _matmul_arg("matmul", w, wtype, x, out, &a):
         return
-    if k == 0:
-        out[...] = 0
-        return
-
-    cdef const uint8_t[:, :] wq
-    cdef const uint16_t[:, :] wh
-    cdef const float[:, :] wf
-    cdef const uint8_t[:, :] xq
-    cdef const float[:, :] xf
-    cdef float[:, :] ov = out
-    cdef const void *wp
-    cdef const void *xp
-    cdef int64_t ldw = w.strides[0] if rows > 1 else w.shape[1] * w.itemsize
-    cdef int64_t ldx = x.strides[0] if n > 1 else x.shape[1] * x.itemsize
-    cdef int64_t ldy = _ld(out)
-    if wtype in _BLOCK_BYTES:
-        wq = w
-        xq = x
-        wp = &wq[0, 0]
-        xp = &xq[0, 0]
-    else:
-        if wtype == F16:
-            wh = w.view(np.uint16)
-            wp = &wh[0, 0]
-        else:
-            wf = w
-            wp = &wf[0, 0]
-        xf = x
-        xp = &xf[0, 0]
     cdef int rc
     with nogil:
-        rc = dl_matmul(_isa, wtype, k, wp, ldw, rows, xp, ldx, n, &ov[0, 0], ldy, n_threads)
+        rc = dl_matmul(_isa, a.type, a.k, a.w, a.ldw, a.nr, a.x, a.ldx, a.nc, a.y, a.ldy,
+                       n_threads)
     if rc != 0:
-        raise ValueError(f"matmul: the {kernel_path()} path has no kernel for {tname}")
+        raise ValueError(f"matmul: the {kernel_path()} path has no kernel for "
+                         f"{_TYPE_NAMES[wtype]}")
+
+
+def matmul_multi(items, x, xq, int n_threads=1):
+    """matmul for several weights that share one input, in one parallel call.
+
+    items  a sequence of (w, wtype, out), at most 16; each as matmul's arguments
+    x      float32 (n, k), the input of F32 / F16 weights (None if there are none)
+    xq     uint8 (n, k // 32 * 34), its q8_0 blocks, for Q4_0 / Q8_0 weights (None if
+           there are none)
+    Each out gets the bits matmul(w, wtype, x or xq, out, n_threads) gives it.
+    """
+    cdef dl_matmul_arg args[DL_MULTI_MAX]
+    cdef int n_mats = 0, rc
+    _check_threads("matmul_multi", n_threads)
+    items = list(items)
+    if len(items) > DL_MULTI_MAX:
+        raise ValueError(f"matmul_multi: {len(items)} weights, at most {DL_MULTI_MAX}")
+    for i, item in enumerate(items):
+        if len(item) != 3:
+            raise ValueError(f"matmul_multi: item {i} has {len(item)} values, expected "
+                             f"(w, wtype, out)")
+        w, wtype, out = item
+        xi = xq if wtype in _BLOCK_BYTES else x
+        if _matmul_arg(f"matmul_multi: item {i}", w, wtype, xi, out, &args[n_mats]) == 0:
+            n_mats += 1
+    if n_mats == 0:
+        return
+    with nogil:
+        rc = dl_matmul_multi(_isa, n_mats, args, n_threads)
+    if rc != 0:
+        raise ValueError(f"matmul_multi: the {kernel_path()} path has no kernel for one "
+                         f"of the weight types {[item[1] for item in items]}")
 
 
 # ---------------------------------------------------------------- small kernels

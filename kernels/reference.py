@@ -46,6 +46,14 @@ def matmul(w: np.ndarray, wtype: int, x: np.ndarray, out: np.ndarray, n_threads:
     out[...] = (xf @ wf.T).astype(np.float32)
 
 
+def matmul_multi(items, x: np.ndarray, xq: np.ndarray, n_threads: int = 1) -> None:
+    """matmul for several weights sharing one input: for each (w, wtype, out) of items,
+    out = the rows of w times xq (Q4_0 / Q8_0 weights, q8_0 blocks of x) or x (F32 /
+    F16 weights, float32 (n, k)). At most 16 items."""
+    for w, wtype, out in items:
+        matmul(w, wtype, xq if wtype in (Q4_0, Q8_0) else x, out, n_threads)
+
+
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray) -> None:
     """out = x / sqrt(mean(x^2) + eps) * weight, per row. x, out float32 (n, dim)."""
     x64 = x.astype(np.float64)

@@ -223,6 +223,54 @@ def test_matmul_reads_memmapped_read_only_weights(path, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("n", [1, 6])
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_matmul_multi_gives_each_weight_the_bits_of_matmul(path, n, n_threads):
+    """Q, K, V-like shapes of every weight type in one call, one with no rows and one
+    column slice; each output is bit for bit what matmul gives it, and close to the
+    float64 reference."""
+    k = 32 * 23
+    xf = rng_for("multi-x", n).standard_normal((n, k)).astype(np.float32)
+    xq = quants.quantize_q8_0(xf)
+    shapes = [("q4_0", 301), ("q8_0", 37), ("f16", 64), ("f32", 3), ("q4_0", 0)]
+    items, want = [], []
+    for i, (tname, rows) in enumerate(shapes):
+        wtype = TYPES[tname]
+        w = make_weights(wtype, rows, k, 40 + i)
+        out = np.full((n, rows), np.nan, np.float32)
+        items.append((w, wtype, out))
+        ref = np.zeros_like(out)
+        K.matmul(w, wtype, xq if wtype in (K.Q4_0, K.Q8_0) else xf, ref, n_threads)
+        want.append(ref)
+    wide = make_weights(K.Q4_0, 19, 2 * k, 50)
+    items.append((wide[:, 23 * 18:], K.Q4_0, np.zeros((n, 19), np.float32)))
+    want.append(np.zeros((n, 19), np.float32))
+    K.matmul(np.ascontiguousarray(wide[:, 23 * 18:]), K.Q4_0, xq, want[-1], 1)
+    K.matmul_multi(items, xf, xq, n_threads)
+    for (w, wtype, out), ref in zip(items, want):
+        np.testing.assert_array_equal(out, ref)
+    check = [(w, t, np.zeros_like(o)) for w, t, o in items]
+    R.matmul_multi(check, xf, xq)
+    for (_, tname), (_, _, got), (_, _, ref) in zip(shapes, items, check):
+        bound = 1e-3 * (np.abs(ref) + 1)
+        assert (np.abs(got - ref) <= bound).all(), tname
+
+
+def test_matmul_multi_bad_arguments():
+    f32 = np.float32
+    xq = np.zeros((2, 34), np.uint8)
+    w = np.zeros((4, 18), np.uint8)
+    with pytest.raises(ValueError, match=msg(17, 16)):
+        K.matmul_multi([(w, K.Q4_0, np.zeros((2, 4), f32))] * 17, None, xq)
+    with pytest.raises(ValueError, match="item 1.*" + msg(2, 5, 4)):
+        K.matmul_multi([(w, K.Q4_0, np.zeros((2, 4), f32)), (w, K.Q4_0, np.zeros((2, 5), f32))],
+                       None, xq)
+    with pytest.raises(ValueError, match="item 0 has 2 values"):
+        K.matmul_multi([(w, K.Q4_0)], None, xq)
+    with pytest.raises(ValueError, match="item 0.*NoneType"):
+        K.matmul_multi([(np.zeros((4, 32), f32), K.F32, np.zeros((2, 4), f32))], None, xq)
+
+
 # ---------------------------------------------------------------- small kernels
 
 @pytest.mark.parametrize("n,dim", [(1, 2048), (3, 96), (5, 37)])
@@ -579,8 +627,8 @@ def test_gil_is_released_during_matmul():
 def test_the_compiled_api_has_the_reference_signatures():
     import inspect
 
-    for name in ("kernel_path", "quantize_q8_0", "dequantize_weights", "matmul", "rmsnorm",
-                 "rope", "softmax", "silu_mul", "attention"):
+    for name in ("kernel_path", "quantize_q8_0", "dequantize_weights", "matmul", "matmul_multi",
+                 "rmsnorm", "rope", "softmax", "silu_mul", "attention"):
         want = inspect.signature(getattr(R, name))
         got = inspect.signature(getattr(K, name))
         assert [(p.name, p.default) for p in got.parameters.values()] == \

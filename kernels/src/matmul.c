@@ -318,6 +318,69 @@ int dl_matmul(const dl_isa *isa, int type, int64_t k,
     return 0;
 }
 
+/* ------------------------------------------------------------------ matmul_multi */
+
+/* One matrix of dl_matmul_multi: the arguments of dl_matmul for it. */
+typedef struct {
+    int type;
+    int64_t k;
+    const void *w;
+    int64_t ldw, nr;
+    const void *x;
+    int64_t ldx, nc;
+    float *y;
+    int64_t ldy;
+} dl_matmul_arg;
+
+int dl_matmul_multi(const dl_isa *isa, int n_mats, const dl_matmul_arg *mats, int n_threads);
+
+#define DL_MULTI_MAX 16 /* matrices in one dl_matmul_multi call */
+
+typedef struct {
+    matmul_job jobs[DL_MULTI_MAX];
+    int64_t first[DL_MULTI_MAX + 1]; /* matrix m's chunks are [first[m], first[m + 1]) */
+    int n_mats;
+} multi_job;
+
+static void multi_chunk(void *p, int64_t i) {
+    const multi_job *mj = (const multi_job *)p;
+    int m = 0;
+    while (i >= mj->first[m + 1]) m++;
+    matmul_chunk((void *)&mj->jobs[m], i - mj->first[m]);
+}
+
+/* Several matmuls in one parallel call (matrices that share an input: Q, K, V; gate,
+ * up): their rows are chunked alike and claimed from one list, so small matrices cost
+ * no wake-up of their own. Each result has the bits dl_matmul gives it. Returns 0, -1
+ * for a type no path knows, -2 for more than DL_MULTI_MAX matrices. */
+int dl_matmul_multi(const dl_isa *isa, int n_mats, const dl_matmul_arg *mats, int n_threads) {
+    if (n_mats > DL_MULTI_MAX) return -2;
+    multi_job mj;
+    int64_t work = 0, rows = 0;
+    mj.n_mats = n_mats;
+    for (int m = 0; m < n_mats; m++) {
+        const dl_matmul_arg *a = &mats[m];
+        dl_gemm_fn gemm = gemm_for_type(isa, a->type);
+        if (gemm == NULL) return -1;
+        int64_t nr = a->nc > 0 ? a->nr : 0; /* no columns: nothing to do */
+        matmul_job job = {gemm, a->k, a->ldw, nr, a->ldx, a->nc, a->ldy, nr,
+                          (const uint8_t *)a->w, (const uint8_t *)a->x, a->y};
+        mj.jobs[m] = job;
+        work += (nr > 0 ? nr : 0) * a->nc * (a->k > 0 ? a->k : 1);
+        rows += nr > 0 ? nr : 0;
+    }
+    n_threads = useful_threads(n_threads, work, (rows + DL_ROW_TILE - 1) / DL_ROW_TILE);
+    mj.first[0] = 0;
+    for (int m = 0; m < n_mats; m++) {
+        matmul_job *j = &mj.jobs[m];
+        /* chunks of about the same rows in every matrix */
+        j->rows = n_threads > 1 ? chunk_rows(rows, n_threads) : (j->nr > 0 ? j->nr : 1);
+        mj.first[m + 1] = mj.first[m] + (j->nr > 0 ? (j->nr + j->rows - 1) / j->rows : 0);
+    }
+    dl_parallel(n_threads, mj.first[n_mats], multi_chunk, &mj);
+    return 0;
+}
+
 /* ------------------------------------------------------------------ quantize */
 
 typedef struct {

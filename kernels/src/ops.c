@@ -36,10 +36,7 @@ void dl_ops_use_isa(const dl_isa *isa);
  * NEON pairs, or plain scalar code where there is no SIMD) */
 typedef float lanes_f32 __attribute__((vector_size(4 * ATT_MAX_GROUP)));
 
-ALWAYS_INLINE lanes_f32 lanes_zero(void) {
-    lanes_f32 z = {0.0f};
-    return z;
-}
+#define lanes_zero() ((lanes_f32){0.0f})
 
 /* sum of a[i] * b[i] for i in [0, m), DL_LANES partial sums added as a tree */
 ALWAYS_INLINE float dot_f32(const float *a, const float *b, int64_t m) {
