@@ -18,9 +18,9 @@ Lines, for each path and thread count:
            the two alternating: best ms a step and GB/s of weights. --busy runs a
            busy-looping process beside it (a neighbour on a 2-core machine).
 The numpy line runs the same shapes in float32 through numpy's BLAS (its own threads).
-Each figure is the best of repeated calls (see timeit). On a machine shared with other
-busy processes, 2-thread figures can collapse when both threads land on one core
-(libgomp spins at its barriers); OMP_PROC_BIND=true keeps them on separate cores.
+Each figure is the best of repeated calls (see timeit): other processes on a shared
+machine only ever add time, to the 2-thread figures most (a busy neighbour leaves about
+one core: --busy shows what a decode step gets then).
 TinyLlama shapes: rows 5632 x k 2048 (W1/W3) and rows 2048 x k 5632 (W2).
 A full run takes well under a minute.
 """
@@ -201,10 +201,8 @@ def main() -> None:
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     threads = [int(t) for t in args.threads.split(",")]
-    omp = {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_"))}
     print(f"kernel paths here: {', '.join(K.available_paths())}; cpus {os.cpu_count()}, "
-          f"load average {os.getloadavg()[0]:.2f} (other processes slow the t=2 lines most)"
-          + (f"; {omp}" if omp else ""))
+          f"load average {os.getloadavg()[0]:.2f} (other processes slow the t=2 lines most)")
     if args.decode_step:
         bench_decode_step(threads, args.steps, args.busy, rng)
         return

@@ -45,12 +45,17 @@ void dl_parallel(int n_threads, int64_t n_items, void (*fn)(void *arg, int64_t i
 #if defined(__unix__) || defined(__APPLE__)
 #include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <time.h>
 
 #define DL_POOL_MAX_WORKERS 255
+#ifndef DL_POOL_SPIN_NS
 #define DL_POOL_SPIN_NS 20000    /* waiting: spin this long, ... */
+#endif
+#ifndef DL_POOL_YIELD_NS
 #define DL_POOL_YIELD_NS 200000  /* ... then yield the CPU in turns until this, then sleep */
+#endif
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -86,7 +91,7 @@ static struct {
     int n_threads;
     atomic_uint_fast64_t claim;
     atomic_int_fast64_t done;
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+} pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
 
 /* Claim and run items of generation gen until none is left; returns items run. */
 static int64_t run_items(uint64_t gen, void (*fn)(void *, int64_t), void *arg,
@@ -166,6 +171,11 @@ static int ensure_workers(int n) {
     pthread_once(&once, pool_once);
     if (n - 1 > DL_POOL_MAX_WORKERS) n = DL_POOL_MAX_WORKERS + 1;
     if (pool.n_workers >= n - 1) return pool.n_workers;
+    /* workers start with every signal blocked: signals go to the process's own
+     * threads (Python handles them in its main thread) */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
     pthread_mutex_lock(&pool.lock);
     while (pool.n_workers < n - 1) {
         pthread_t t;
@@ -178,6 +188,7 @@ static int ensure_workers(int n) {
         pool.n_workers++;
     }
     pthread_mutex_unlock(&pool.lock);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
     return pool.n_workers;
 }
 
