@@ -31,6 +31,7 @@ void dl_ops_use_isa(const dl_isa *isa);
 #define ATT_MAX_OUT 4096   /* attention: floats of per-head output kept on the stack */
 #define ATT_ROWS 4         /* attention (lanes): cache rows scored together */
 #define ATT_DIMS 8         /* attention (lanes): dimensions of the V sums in registers */
+#define ATT_PF_ROWS 16     /* attention: K rows prefetched ahead */
 
 /* ATT_MAX_GROUP floats as one GNU C vector (any GCC or Clang target: AVX registers,
  * NEON pairs, or plain scalar code where there is no SIMD) */
@@ -153,6 +154,10 @@ ALWAYS_INLINE void attend_heads(const float *q, int64_t q_stride, int n_q, const
         int64_t nb = end - b0 < ATT_BLOCK ? end - b0 : ATT_BLOCK;
         for (int64_t j = 0; j < nb; j++) {
             const float *kj = kh + (b0 + j) * ldkv;
+            for (int64_t d = 0; d < head_dim; d += 16) { /* as in attend_lanes */
+                if (b0 + j + ATT_PF_ROWS < end) __builtin_prefetch(kj + ATT_PF_ROWS * ldkv + d);
+                __builtin_prefetch(vh + (b0 + j) * ldkv + d);
+            }
             for (int h = 0; h < n_q; h++)
                 s[h][j] = dot_f32(q + h * q_stride, kj, head_dim) * scale;
         }
@@ -219,6 +224,14 @@ ALWAYS_INLINE void attend_lanes(const float *q, int64_t q_stride, int n_q, const
         int64_t j = 0;
         for (; j + ATT_ROWS <= nb; j += ATT_ROWS) {
             const float *kj = kh + (b0 + j) * ldkv;
+            /* the caches are read a head's slice of each row (strided): fetch K rows
+             * ahead, and this block's V rows for the sums after the scores */
+            for (int r = 0; r < ATT_ROWS; r++)
+                for (int64_t d = 0; d < head_dim; d += 16) {
+                    if (b0 + j + r + ATT_PF_ROWS < end)
+                        __builtin_prefetch(kj + (r + ATT_PF_ROWS) * ldkv + d);
+                    __builtin_prefetch(vh + (b0 + j + r) * ldkv + d);
+                }
             lanes_f32 a0[ATT_ROWS], a1[ATT_ROWS];
             _Pragma("GCC unroll 8") for (int r = 0; r < ATT_ROWS; r++) {
                 a0[r] = lanes_zero();
