@@ -485,6 +485,26 @@ def test_threaded_kernels_work_in_a_forked_child():
     assert r.stdout.strip() == "child 0"
 
 
+def test_idle_workers_sleep_and_wake_for_bigger_jobs():
+    """Between calls the workers spin only briefly, then sleep: an idle process uses no
+    CPU. A worker left out of smaller jobs still joins (and wakes for) a bigger one."""
+    import time
+
+    w = make_weights(K.Q4_0, 640, 32 * 64, 23)
+    x = make_x(K.Q4_0, 1, 32 * 64, 24)
+    want = np.zeros((1, 640), np.float32)
+    K.matmul(w, K.Q4_0, x, want, 1)
+    for n_threads in (4, 2, 2, 4, 1, 3):
+        got = np.zeros_like(want)
+        K.matmul(w, K.Q4_0, x, got, n_threads)
+        np.testing.assert_array_equal(got, want)
+    time.sleep(0.05)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    time.sleep(0.3)
+    cpu = time.process_time() - cpu0
+    assert cpu < 0.05, f"{cpu:.3f} s of CPU in {time.perf_counter() - wall0:.3f} s idle"
+
+
 def test_more_threads_than_cores_and_rows():
     w = make_weights(K.Q8_0, 45, 32 * 70, 21)
     x = make_x(K.Q8_0, 2, 32 * 70, 22)

@@ -109,35 +109,35 @@ static int64_t run_items(uint64_t gen, void (*fn)(void *, int64_t), void *arg,
     }
 }
 
-/* Wait until pool.seq differs from seen: spin, then yield, then sleep. */
-static uint64_t wait_for_job(uint64_t seen) {
-    int64_t start = 0;
-    for (unsigned i = 0;; i++) {
-        uint64_t s = atomic_load(&pool.seq);
-        if (s != seen) return s;
-        cpu_relax();
-        if ((i & 63) != 63) continue;
-        int64_t t = now_ns();
-        if (start == 0) start = t;
-        if (t - start < DL_POOL_SPIN_NS) continue;
-        if (t - start < DL_POOL_YIELD_NS) {
-            sched_yield();
-            continue;
+/* Wait until pool.seq differs from seen: spin, then yield, then sleep (at once when
+ * spin is 0: a worker the last job did not want is not likely wanted by the next). */
+static uint64_t wait_for_job(uint64_t seen, int spin) {
+    uint64_t s;
+    if (spin) {
+        const int64_t start = now_ns();
+        for (unsigned i = 1;; i++) {
+            if ((s = atomic_load(&pool.seq)) != seen) return s;
+            cpu_relax();
+            if (i % 64) continue;
+            int64_t waited = now_ns() - start;
+            if (waited >= DL_POOL_YIELD_NS) break;
+            if (waited >= DL_POOL_SPIN_NS) sched_yield();
         }
-        pthread_mutex_lock(&pool.lock);
-        atomic_fetch_add(&pool.sleepers, 1);
-        while ((s = atomic_load(&pool.seq)) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
-        atomic_fetch_sub(&pool.sleepers, 1);
-        pthread_mutex_unlock(&pool.lock);
-        return s;
     }
+    pthread_mutex_lock(&pool.lock);
+    atomic_fetch_add(&pool.sleepers, 1);
+    while ((s = atomic_load(&pool.seq)) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+    atomic_fetch_sub(&pool.sleepers, 1);
+    pthread_mutex_unlock(&pool.lock);
+    return s;
 }
 
 static void *worker_main(void *p) {
     const int index = (int)(intptr_t)p;
     uint64_t seen = atomic_load(&pool.seq) & ~(uint64_t)1;
+    int wanted = 1;
     for (;;) {
-        uint64_t s = wait_for_job(seen);
+        uint64_t s = wait_for_job(seen, wanted);
         if (s & 1) { /* being written: look again */
             cpu_relax();
             continue;
@@ -149,7 +149,8 @@ static void *worker_main(void *p) {
         atomic_thread_fence(memory_order_acquire);
         seen = s;
         if (atomic_load(&pool.seq) != s) continue; /* torn read: a newer job */
-        if (index < n_threads) run_items(s / 2, fn, arg, n_items);
+        wanted = index < n_threads;
+        if (wanted) run_items(s / 2, fn, arg, n_items);
     }
     return NULL;
 }
