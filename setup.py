@@ -2,7 +2,8 @@
 
 The C sources pick their instruction sets per file with `#pragma GCC target`, so one
 build carries the scalar, AVX2 and AVX-512 VNNI paths on x86 (NEON and dotprod on ARM)
-and the best one is chosen at run time. OpenMP spreads matrix rows over threads.
+and the best one is chosen at run time. A small pthread pool (kernels/src/matmul.c)
+spreads matrix rows over threads.
 Compiles with Cython 3.x (pip) and Cython 0.29 (Debian bookworm's cython3).
 """
 import os
@@ -22,7 +23,7 @@ SOURCES = [
     "kernels/src/isa_arm_neon.c",
 ]
 
-compile_args = ["-O3", "-fopenmp", "-std=gnu11", "-Wall", "-Wno-unused-function"]
+compile_args = ["-O3", "-pthread", "-std=gnu11", "-Wall", "-Wno-unused-function"]
 machine = platform.machine()
 if machine.startswith("arm") and not machine.startswith("arm64"):
     # 32-bit ARM: NEON is chosen at run time, the baseline stays VFP-only.
@@ -35,7 +36,7 @@ ext = Extension(
     sources=SOURCES,
     include_dirs=["kernels/src"],
     extra_compile_args=compile_args,
-    extra_link_args=["-fopenmp"],
+    extra_link_args=["-pthread"],
 )
 
 setup(

@@ -75,6 +75,10 @@ class Transformer:
         arr, wtype = w
         self.k.matmul(arr, wtype, xq if wtype in _BLOCK_TYPES else x, out, self.n_threads)
 
+    def _matmuls(self, x: np.ndarray, xq: np.ndarray, *pairs) -> None:
+        """out = x @ W.T for each (W, out) sharing the input: one parallel kernel call."""
+        self.k.matmul_multi([(w[0], w[1], out) for w, out in pairs], x, xq, self.n_threads)
+
     def _quantize_for(self, x: np.ndarray, out: np.ndarray, *consumers: Weight) -> None:
         """q8_0 of x, when a block-quantized weight is going to read it."""
         if out.shape[1] and any(w[1] in _BLOCK_TYPES for w in consumers):
@@ -107,9 +111,7 @@ class Transformer:
             if has_heads:
                 K.rmsnorm(x, lw.attn_norm, cfg.norm_eps, xb)
                 self._quantize_for(xb, xq, lw.wq, lw.wk, lw.wv)
-                self._matmul(lw.wq, xb, xq, q)
-                self._matmul(lw.wk, xb, xq, k)
-                self._matmul(lw.wv, xb, xq, v)
+                self._matmuls(xb, xq, (lw.wq, q), (lw.wk, k), (lw.wv, v))
                 K.rope(q, pos, cfg.head_dim, w.rope_inv_freq)
                 K.rope(k, pos, cfg.head_dim, w.rope_inv_freq)
                 k_cache, v_cache = self.cache.layer(layer)
@@ -128,8 +130,7 @@ class Transformer:
             if has_ffn:
                 K.rmsnorm(x, lw.ffn_norm, cfg.norm_eps, xb)
                 self._quantize_for(xb, xq, lw.w_gate, lw.w_up)
-                self._matmul(lw.w_gate, xb, xq, hb)
-                self._matmul(lw.w_up, xb, xq, hb2)
+                self._matmuls(xb, xq, (lw.w_gate, hb), (lw.w_up, hb2))
                 K.silu_mul(hb, hb2)
                 self._quantize_for(hb, hq, lw.w_down)
                 self._matmul(lw.w_down, hb, hq, xo)

@@ -55,26 +55,7 @@ cdef extern from "dl_kernels.h":
                           float *out, int64_t ldo, float *scratch,
                           int n_threads) noexcept nogil
 
-cdef extern from *:
-    """
-    /* To move into dl_kernels.h. ops.c: the small kernels follow the matmul path. */
-    void dl_ops_use_isa(const dl_isa *isa);
-    /* matmul.c: several matmuls in one parallel call; one dl_matmul_arg per matrix
-     * holds dl_matmul's arguments for it (the same struct is in matmul.c). */
-    typedef struct {
-        int type;
-        int64_t k;
-        const void *w;
-        int64_t ldw, nr;
-        const void *x;
-        int64_t ldx, nc;
-        float *y;
-        int64_t ldy;
-    } dl_matmul_arg;
-    #define DL_MULTI_MAX 16
-    int dl_matmul_multi(const dl_isa *isa, int n_mats, const dl_matmul_arg *mats,
-                        int n_threads);
-    """
+cdef extern from "dl_kernels.h":
     void dl_ops_use_isa(const dl_isa *isa) noexcept nogil
     ctypedef struct dl_matmul_arg:
         int type

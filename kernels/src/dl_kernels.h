@@ -99,6 +99,30 @@ int dl_matmul(const dl_isa *isa, int type, int64_t k,
 void dl_quantize_rows_q8_0(const dl_isa *isa, const float *x, int64_t ldx,
                            void *y, int64_t ldy, int64_t n, int64_t k, int n_threads);
 
+/* Several matmuls over the same input in one parallel call (wq/wk/wv, gate/up): one
+ * dl_matmul_arg per matrix holds dl_matmul's arguments for it. Each result has the bits
+ * dl_matmul gives it. Returns 0, -1 for an unknown type, -2 for more than DL_MULTI_MAX. */
+typedef struct {
+    int type;
+    int64_t k;
+    const void *w;
+    int64_t ldw, nr;
+    const void *x;
+    int64_t ldx, nc;
+    float *y;
+    int64_t ldy;
+} dl_matmul_arg;
+#define DL_MULTI_MAX 16
+int dl_matmul_multi(const dl_isa *isa, int n_mats, const dl_matmul_arg *mats, int n_threads);
+
+/* The thread pool (matmul.c): fn(arg, i) for i in [0, n_items) on up to n_threads
+ * threads, the caller included; workers start on first use, spin, yield, then sleep. */
+void dl_parallel(int n_threads, int64_t n_items, void (*fn)(void *arg, int64_t item),
+                 void *arg);
+
+/* ops.c: pick the build of the small kernels that matches a matmul path (NULL: best). */
+void dl_ops_use_isa(const dl_isa *isa);
+
 /* ops.c: the small kernels, all float32, rows `ld` floats apart.
  * rmsnorm:   out[i] = x[i] / sqrt(mean(x^2) + eps) * w[i], per row of dim
  * rope:      per row (token t at pos[t]) and head h, for pair i < head_dim/2:
@@ -112,7 +136,7 @@ void dl_quantize_rows_q8_0(const dl_isa *isa, const float *x, int64_t ldx,
  *            g / kv_group - kv_head0 of the caches. Caches hold the local KV heads:
  *            (seq_len, n_local_kv_heads * head_dim), rows ldkv floats apart.
  *            Scores scaled by 1/sqrt(head_dim).
- *            scratch: n_threads * (start_pos + n) floats. */
+ *            scratch: unused (online softmax); may be NULL. */
 void dl_rmsnorm_f32(const float *x, int64_t ldx, const float *w, float *out, int64_t ldo,
                     int64_t n, int64_t dim, float eps);
 void dl_rope_f32(float *x, int64_t ldx, int64_t n, const int64_t *pos, int64_t n_heads,

@@ -332,21 +332,6 @@ int dl_matmul(const dl_isa *isa, int type, int64_t k,
 
 /* ------------------------------------------------------------------ matmul_multi */
 
-/* One matrix of dl_matmul_multi: the arguments of dl_matmul for it. */
-typedef struct {
-    int type;
-    int64_t k;
-    const void *w;
-    int64_t ldw, nr;
-    const void *x;
-    int64_t ldx, nc;
-    float *y;
-    int64_t ldy;
-} dl_matmul_arg;
-
-int dl_matmul_multi(const dl_isa *isa, int n_mats, const dl_matmul_arg *mats, int n_threads);
-
-#define DL_MULTI_MAX 16 /* matrices in one dl_matmul_multi call */
 
 typedef struct {
     matmul_job jobs[DL_MULTI_MAX];

@@ -17,12 +17,6 @@
 
 #include "dl_kernels.h"
 
-/* matmul.c (to move into dl_kernels.h): run fn(arg, i) for i in [0, n_items) on up to
- * n_threads threads, the caller included. */
-void dl_parallel(int n_threads, int64_t n_items, void (*fn)(void *arg, int64_t item),
-                 void *arg);
-/* Pick the instantiation of the ops that matches a matmul path (NULL: the best one). */
-void dl_ops_use_isa(const dl_isa *isa);
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 #define DL_LANES 16        /* partial sums: one AVX-512 register, four NEON/SSE ones */
