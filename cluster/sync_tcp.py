@@ -76,6 +76,7 @@ class RootSync:
         self.dim, self.wire = dim, wire
         self.parts = [_wire_buffer(batch, dim, wire) for _ in self.peers]
         self.sum_wire = _wire_buffer(batch, dim, wire)
+        self.scratch = np.zeros((batch, dim), np.float32)     # a decoded part
         self.stats = SyncStats()
         self.start_pos = 0
         self.full_logits: Optional[np.ndarray] = None
@@ -113,11 +114,11 @@ class RootSync:
                 peer.conn.recv_payload_into(view, length, f"PART of layer {layer} {phase}")
             except ClusterError as e:
                 self._fail(peer, e, layer, phase)
-            buf += decode(view, self.wire)
+            buf += decode(view, self.wire, self.scratch[:n])
             self.stats.bytes_received += view.nbytes
         out = encode(buf, self.wire, self.sum_wire[:n] if self.wire != "f32" else None)
         if self.wire != "f32":
-            buf[...] = decode(out, self.wire)
+            decode(out, self.wire, buf)
         for peer in self.peers:
             try:
                 peer.conn.send(Kind.SUM, out)
@@ -163,7 +164,7 @@ class WorkerSync:
         view = self.sum_wire[:n]
         length = self.conn.expect(Kind.SUM, f"SUM of layer {layer} {phase}")
         self.conn.recv_payload_into(view, length, f"SUM of layer {layer} {phase}")
-        buf[...] = decode(view, self.wire)
+        decode(view, self.wire, buf)
         self.stats.bytes_sent += out.nbytes
         self.stats.bytes_received += view.nbytes
         self.stats.sync_s += time.perf_counter() - t
