@@ -41,7 +41,7 @@ class LocalCluster:
                  batch: int = 64, timeout_s: float = 10.0, tokenizer_path: Optional[str] = None,
                  load_tokenizer: bool = True, stream_weights: bool = False,
                  state_dir: Optional[str] = None):
-        caps = local_capacities(n_nodes, threads, split)
+        caps = local_capacities(n_nodes, threads)
         self.processes: List[subprocess.Popen] = []
         # a key for this run only, readable by this user alone
         self.key_dir = tempfile.mkdtemp(prefix="dllama-key-")

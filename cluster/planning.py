@@ -1,7 +1,6 @@
 """From a model and the nodes at hand to each node's SliceSpec, through the planner."""
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 from dllama_node.common.memory import read_memory
@@ -15,10 +14,9 @@ def slice_spec(node: NodeSlice) -> SliceSpec:
                      tuple(node.vocab_rows))
 
 
-def local_capacities(n_nodes: int, threads: int = 1,
-                     split: Optional[Sequence[float]] = None) -> list:
-    """n_nodes processes on this machine: each gets an equal share of its memory.
-    With --split, the split weights set the shares of the work instead of speed."""
+def local_capacities(n_nodes: int, threads: int = 1) -> list:
+    """n_nodes processes on this machine: each gets an equal share of its memory and the
+    same speed (--split, passed to the planner, then sets the shares of the work)."""
     mem = read_memory()
     memlock = -1
     try:

@@ -10,14 +10,14 @@ and the cause.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import numpy as np
 
 from dllama_node.cluster.protocol import FORWARD_HEADER, Connection, Kind
 from dllama_node.cluster.wire import decode, encode
-from dllama_node.common.errors import ClusterError, ProtocolError
+from dllama_node.common.errors import ClusterError
 from dllama_node.model import quants
 
 

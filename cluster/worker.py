@@ -20,7 +20,6 @@ import sys
 import time
 from typing import Optional
 
-import numpy as np
 
 from dllama_node.cluster.protocol import (FORWARD_HEADER, PROTOCOL_VERSION, Connection, Kind,
                                           DEFAULT_TIMEOUT_S)

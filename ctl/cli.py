@@ -6,7 +6,6 @@ line with a named exit code; --debug shows the traceback instead.
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from typing import Optional
@@ -67,6 +66,15 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
 
 
+def _options(*options):
+    """A decorator applying click options in the order listed."""
+    def apply(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return apply
+
+
 def model_options(f):
     """Options shared by every command that loads a model."""
     options = [
@@ -81,9 +89,7 @@ def model_options(f):
                      help="Context length to reserve KV cache for (default: what fits memory, "
                           "at most 4096 and the model's context)."),
     ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+    return _options(*options)(f)
 
 
 def cluster_options(f):
@@ -100,9 +106,7 @@ def cluster_options(f):
                      help="Workers get their slices from the root (hash-checked, cached on "
                           "disk) instead of reading their own copy of the model file."),
     ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+    return _options(*options)(f)
 
 
 def sampler_options(f):
@@ -115,9 +119,7 @@ def sampler_options(f):
                      help="Above 1 discourages repeating the last 64 tokens; 1.0 is off."),
         click.option("--seed", type=int, default=None, help="Seed for sampling; same seed, same text."),
     ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+    return _options(*options)(f)
 
 
 @cli.command()

@@ -7,7 +7,6 @@ cluster the plan, per-node reports and sync statistics.
 from __future__ import annotations
 
 import contextlib
-import sys
 from typing import Iterator, Optional, Sequence
 
 import click

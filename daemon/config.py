@@ -12,7 +12,7 @@ import dataclasses
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 from dllama_node.common.errors import UsageError
 

@@ -20,7 +20,7 @@ import os
 import socket
 from typing import Awaitable, Callable, Dict, Iterator, Optional
 
-from dllama_node.common.errors import ClusterError, DllamaError, EXIT_CLUSTER
+from dllama_node.common.errors import ClusterError, DllamaError
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ class ControlServer:
                 answer = await handler(request, emit)
             except DllamaError as e:
                 answer = {"error": str(e), "exit_code": e.exit_code}
+            except (ValueError, TypeError, KeyError) as e:
+                answer = {"error": f"bad request {request.get('op')!r}: {e}", "exit_code": 2}
             answer["done"] = True
             await emit(answer)
         except (ConnectionError, asyncio.IncompleteReadError):

@@ -37,6 +37,7 @@ log = logging.getLogger("dllama_node.node")
 
 TICK_S = 0.25
 SETTLE_S = 2.0          # listen for peers this long before the first election
+RETRY_S = 15.0          # a plan that failed is tried again after this, or when peers change
 
 
 def capacity_of(advert: NodeAdvert) -> NodeCapacity:
@@ -58,6 +59,7 @@ class NodeService:
         self.reload_requested = False
         self.discovery: Optional[Discovery] = None
         self.last_error = ""
+        self.failed: tuple = ((), 0.0)       # (members, when) of the last failed start
 
     # ---- start-up ------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -216,6 +218,9 @@ class NodeService:
         if not self.model_identity:
             self._set_state("electing", "root without a model file: cannot plan")
             return
+        failed_members, failed_at = self.failed
+        if failed_members == members and time.monotonic() - failed_at < RETRY_S:
+            return                       # same nodes, same answer: do not flood the journal
         if not self.busy.acquire(blocking=False):
             return                       # a generation or a start is running; next tick
         try:
@@ -226,7 +231,9 @@ class NodeService:
                                        f"max_seq_len {self.root.plan.max_seq_len}")
         except DllamaError as e:
             self.last_error = str(e)
-            log.error("cluster start failed: %s", e)
+            self.failed = (members, time.monotonic())
+            log.error("cluster start failed: %s (trying again in %.0f s or when peers change)",
+                      e, RETRY_S)
             self._set_state("planning", str(e))
         finally:
             self.busy.release()

@@ -8,7 +8,7 @@ nobody here wrote. Test-only: neither is a runtime dependency.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np

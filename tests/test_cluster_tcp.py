@@ -6,10 +6,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from dllama_node.cluster.auth import generate_key, write_key
 from dllama_node.daemon.control import request
@@ -88,6 +87,12 @@ def test_single_daemon_serves_and_stops_cleanly(tmp_path):
         assert final["tokens"] == expected
         bad = list(request(ctl, {"op": "nonsense"}))[-1]
         assert bad["exit_code"] == 2 and "bad request" in bad["error"]
+        bad = list(request(ctl, {"op": "generate", "prompt_tokens": [1, 5],
+                                 "temperature": "hot"}))[-1]
+        assert bad["exit_code"] == 2 and "hot" in bad["error"]
+        bad = list(request(ctl, {"op": "generate", "prompt_tokens": [1, 5],
+                                 "temperature": -1}))[-1]
+        assert bad["exit_code"] == 2 and "temperature -1" in bad["error"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
     finally:
