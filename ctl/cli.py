@@ -14,6 +14,7 @@ import click
 
 from dllama_node.common import errors
 from dllama_node.ctl import local_commands
+from dllama_node.ctl.key import key_group
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 ok, 1 failure, 2 bad usage or option value, 3 model file error, "
@@ -49,8 +50,11 @@ def _version() -> str:
 @click.version_option(_version(), prog_name="dllama-ctl")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
+@click.option("--config", "config_path", metavar="PATH", default=None,
+              help="The service's configuration file, for its key file, control socket and "
+                   "model (default /etc/dllama-node/dllama-node.conf).")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
+def cli(ctx: click.Context, debug: bool, verbose: int, config_path: Optional[str]) -> None:
     """Run a Llama-family model on this node or a dllama cluster.
 
     \b
@@ -61,6 +65,7 @@ def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    ctx.obj["config_path"] = config_path
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -235,6 +240,9 @@ def make_model(preset, weight_type, seed, output):
 def info(model_path, as_json):
     """Show a model file's shape, tensor types and sizes, without loading it."""
     local_commands.info(model_path, as_json)
+
+
+cli.add_command(key_group)
 
 
 def main(argv: Optional[list] = None) -> None:
