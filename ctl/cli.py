@@ -80,11 +80,18 @@ def _options(*options):
     return apply
 
 
-def model_options(f):
-    """Options shared by every command that loads a model."""
+def model_options(f=None, *, required: bool = True):
+    """Options shared by every command that loads a model. With required=False, leaving
+    out --model means: go through the dllama-node service instead."""
+    if f is None:
+        return lambda g: model_options(g, required=required)
+    model_help = "Model file: GGUF (llama architecture) or distributed-llama .m."
+    if not required:
+        model_help += (" Run it here, in this process; without --model the request goes to "
+                       "the dllama-node service (the cluster).")
     options = [
-        click.option("--model", "-m", "model_path", required=True, metavar="PATH",
-                     help="Model file: GGUF (llama architecture) or distributed-llama .m."),
+        click.option("--model", "-m", "model_path", required=required, metavar="PATH",
+                     help=model_help),
         click.option("--tokenizer", "tokenizer_path", metavar="PATH",
                      help="Tokenizer file (tokenizer.model or distributed-llama .t); "
                           "default: the one inside the GGUF."),
@@ -114,6 +121,29 @@ def cluster_options(f):
     return _options(*options)(f)
 
 
+def socket_option(f):
+    """Where the service listens, for the commands that talk to it."""
+    return click.option(
+        "--socket", "socket_path", metavar="PATH", default=None,
+        help="The service's control socket (default: $DLLAMA_CONTROL_SOCKET, else "
+             "control_socket in the config, /run/dllama-node/control.sock).")(f)
+
+
+def _client(socket_path: Optional[str]):
+    from dllama_node.ctl.daemon_client import DaemonClient
+    ctx = click.get_current_context()
+    return DaemonClient.from_settings(socket_path, (ctx.obj or {}).get("config_path"))
+
+
+def _no_local_options(**given) -> None:
+    """Options that only mean something for a model run here, given without --model."""
+    for name, value in given.items():
+        if value not in (None, False, 1, "q8_0"):
+            raise errors.UsageError(
+                f"--{name.replace('_', '-')} needs --model: without --model, generation goes "
+                "to the dllama-node service, which has its own settings")
+
+
 def sampler_options(f):
     options = [
         click.option("--temperature", type=float, default=0.8, show_default=True,
@@ -128,10 +158,13 @@ def sampler_options(f):
 
 
 @cli.command()
-@model_options
+@model_options(required=False)
 @sampler_options
 @cluster_options
-@click.option("--prompt", "-p", default=None, help="Prompt text (default: read standard input).")
+@socket_option
+@click.argument("words", nargs=-1, metavar="[PROMPT]...")
+@click.option("--prompt", "-p", default=None, help="Prompt text (default: the arguments, else "
+                                                     "standard input).")
 @click.option("--max-tokens", "-n", type=int, default=256, show_default=True,
               help="Most tokens to generate.")
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
@@ -140,11 +173,29 @@ def sampler_options(f):
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object: prompt_tokens, tokens, text, timings.")
 def generate(model_path, tokenizer_path, threads, max_seq_len, temperature, top_k, top_p,
-             repetition_penalty, seed, nodes, split, wire, stream_weights, prompt, max_tokens, stop,
-             chat_format, as_json):
-    """Generate text from a prompt, streaming it to standard output."""
+             repetition_penalty, seed, nodes, split, wire, stream_weights, socket_path, words,
+             prompt, max_tokens, stop, chat_format, as_json):
+    """Generate text from a prompt, streaming it to standard output.
+
+    \b
+    Through the cluster (the dllama-node service on this machine):
+      dllama-ctl generate Once upon a time
+      echo "Summarise: ..." | dllama-ctl generate --chat-format --json
+    With a model file, in this process (or --nodes N processes on this machine):
+      dllama-ctl generate --model small.gguf --temperature 0 "Once upon a time"
+    """
     if prompt is None:
-        prompt = sys.stdin.read()
+        prompt = " ".join(words) if words else sys.stdin.read()
+    elif words:
+        raise errors.UsageError(f"prompt given twice: --prompt and {len(words)} argument(s)")
+    if model_path is None:
+        from dllama_node.ctl import remote_commands
+        _no_local_options(tokenizer=tokenizer_path, threads=threads, max_seq_len=max_seq_len,
+                          nodes=nodes, split=split, wire=wire, stream_weights=stream_weights)
+        params = remote_commands.generation_params(temperature, top_k, top_p,
+                                                   repetition_penalty, seed, max_tokens, stop)
+        remote_commands.generate(_client(socket_path), prompt, chat_format, params, as_json)
+        return
     local_commands.generate(
         model_path=model_path, tokenizer_path=tokenizer_path, threads=threads,
         max_seq_len=max_seq_len,
@@ -154,21 +205,37 @@ def generate(model_path, tokenizer_path, threads, max_seq_len, temperature, top_
 
 
 @cli.command()
-@model_options
+@model_options(required=False)
 @sampler_options
+@socket_option
 @click.option("--system", default=None, help="System prompt for the conversation.")
 @click.option("--max-tokens", "-n", type=int, default=512, show_default=True,
               help="Most tokens per answer.")
 def chat(model_path, tokenizer_path, threads, max_seq_len, temperature, top_k, top_p,
-         repetition_penalty, seed, system, max_tokens):
+         repetition_penalty, seed, socket_path, system, max_tokens):
     """Talk with the model. Type a message and press Enter.
 
     \b
     /reset         forget the conversation
     /system TEXT   set the system prompt and start over
+    /help          the commands
     /exit          leave (or Ctrl-D)
+    A line ending in \\ continues; \"\"\" opens and closes a block of lines.
     Ctrl-C stops the answer being written, not the session.
+
+    \b
+    Without --model, the chat goes through the dllama-node service (works on any node):
+      dllama-ctl chat --system "Answer in one sentence."
+    With --model, the model runs in this process:
+      dllama-ctl chat --model small.gguf
     """
+    if model_path is None:
+        from dllama_node.ctl import remote_commands
+        _no_local_options(tokenizer=tokenizer_path, threads=threads, max_seq_len=max_seq_len)
+        params = remote_commands.generation_params(temperature, top_k, top_p,
+                                                   repetition_penalty, seed, max_tokens)
+        remote_commands.chat(_client(socket_path), params, system)
+        return
     local_commands.chat(
         model_path=model_path, tokenizer_path=tokenizer_path, threads=threads,
         max_seq_len=max_seq_len,
@@ -198,7 +265,9 @@ def bench(model_path, tokenizer_path, threads, max_seq_len, nodes, split, wire, 
 
 
 @cli.command()
-@click.option("--model", "-m", "model_path", required=True, metavar="PATH")
+@click.option("--model", "-m", "model_path", default=None, metavar="PATH",
+              help="Model file (with --nodes/--node-ram: required; for the cluster: default "
+                   "the model the service holds).")
 @click.option("--nodes", type=click.IntRange(1, 64), default=None,
               help="Plan for this many nodes like this machine (each an equal share of its "
                    "memory).")
@@ -211,14 +280,32 @@ def bench(model_path, tokenizer_path, threads, max_seq_len, nodes, split, wire, 
               help="Context to plan for (default: the largest that fits every node).")
 @click.option("--allow-swap", is_flag=True, help="Let weights that do not fit in RAM use swap.")
 @click.option("--json", "as_json", is_flag=True, help="The plan as one JSON object.")
-def plan(model_path, nodes, node_ram, split, max_seq_len, allow_swap, as_json):
+@socket_option
+def plan(model_path, nodes, node_ram, split, max_seq_len, allow_swap, as_json, socket_path):
     """Print the shard plan for a model, without loading it.
 
     \b
     Per node: query heads, KV heads, FFN rows and vocabulary rows it would compute, and
     its bytes: weights, KV cache, buffers, reserve, available RAM, swap, headroom.
     Exits 5 with the numbers and what would fit when the model does not fit.
+
+    \b
+    On the running cluster (a dry run: the service's nodes as they are now):
+      dllama-ctl plan
+      dllama-ctl plan --model other.gguf --max-seq-len 2048
+    For capacities you give (offline, nothing running needed):
+      dllama-ctl plan --model model.gguf --node-ram 1G,2G,512M
+      dllama-ctl plan --model model.gguf --nodes 4
     """
+    if nodes is None and node_ram is None:
+        from dllama_node.ctl import remote_commands
+        if split is not None or allow_swap:
+            raise errors.UsageError("--split and --allow-swap need --nodes or --node-ram: the "
+                                    "cluster plans with the service's own settings")
+        remote_commands.plan(_client(socket_path), model_path, max_seq_len, as_json)
+        return
+    if model_path is None:
+        raise errors.UsageError("--nodes/--node-ram plan a model file: give --model PATH")
     local_commands.plan(model_path, nodes, node_ram, split, max_seq_len, allow_swap, as_json)
 
 
@@ -240,6 +327,30 @@ def make_model(preset, weight_type, seed, output):
 def info(model_path, as_json):
     """Show a model file's shape, tensor types and sizes, without loading it."""
     local_commands.info(model_path, as_json)
+
+
+@cli.command()
+@socket_option
+@click.option("--json", "as_json", is_flag=True, help="The service's answer as one JSON object.")
+def status(socket_path, as_json):
+    """Show the cluster: every node's role, address, RAM, swap, slice, whether its memory is
+    locked, tokens/s and state; the root; the plan.
+
+    \b
+      dllama-ctl status
+      dllama-ctl status --json | jq '.nodes[] | select(.locked == false)'
+    """
+    from dllama_node.ctl import remote_commands
+    remote_commands.status(_client(socket_path), as_json)
+
+
+@cli.command()
+@socket_option
+@click.option("--json", "as_json", is_flag=True)
+def models(socket_path, as_json):
+    """List the models the cluster's nodes hold, and which nodes hold each."""
+    from dllama_node.ctl import remote_commands
+    remote_commands.models(_client(socket_path), as_json)
 
 
 cli.add_command(key_group)

@@ -1,0 +1,128 @@
+"""What dllama-ctl does through the local dllama-node (no --model given): generate, chat,
+status, models, plan. Each function translates options into one control-socket request
+(ctl/daemon_client.py) and prints the answer; the daemon does the work.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional, Sequence
+
+import click
+
+from dllama_node.ctl.daemon_client import DaemonClient
+
+
+def generation_params(temperature: float, top_k: int, top_p: float, repetition_penalty: float,
+                      seed: Optional[int], max_tokens: int, stop: Sequence[str] = ()) -> dict:
+    """The sampler part of a generate request, checked here first so a bad value fails
+    before anything is sent (same checks as the local engine)."""
+    from dllama_node.common.errors import UsageError
+    from dllama_node.ctl.local_commands import sampler_settings
+
+    sampler_settings(temperature, top_k, top_p, repetition_penalty, seed)   # validates
+    if max_tokens < 0:
+        raise UsageError(f"max-tokens {max_tokens}: expected 0 or more")
+    params = {"max_tokens": int(max_tokens), "temperature": float(temperature),
+              "top_k": int(top_k), "top_p": float(top_p),
+              "repetition_penalty": float(repetition_penalty), "seed": seed}
+    if stop:
+        params["stop"] = list(stop)
+    return params
+
+
+def generate(client: DaemonClient, prompt: str, chat_format: bool, params: dict,
+             as_json: bool) -> None:
+    """One generation; text streams to stdout, or one JSON object with --json."""
+    request = dict(params)
+    if chat_format:
+        request["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        request["prompt"] = prompt
+    final = {}
+    for line in client.generate(request):
+        if line.get("done"):
+            final = line
+            break
+        if not as_json and line.get("text"):
+            click.echo(line["text"], nl=False)
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in final.items() if k != "done"}))
+        return
+    click.echo("")
+    n_prompt, n_out = len(final.get("prompt_tokens", ())), len(final.get("tokens", ()))
+    click.echo(f"[{n_prompt} prompt tokens, {n_out} generated, "
+               f"{final.get('finish_reason', 'done')}]", err=True)
+
+
+def chat(client: DaemonClient, params: dict, system: Optional[str]) -> None:
+    """The interactive chat (ctl/chat_repl.py) with answers from the daemon."""
+    from dllama_node.ctl.chat_repl import ChatSession, run_chat, setup_history
+
+    interactive = sys.stdin.isatty()
+
+    def send(messages):
+        return client.generate(dict(params, messages=messages))
+
+    def write(text: str) -> None:
+        click.echo(text, nl=False)
+        sys.stdout.flush()
+
+    def note(text: str) -> None:
+        click.echo(text, err=True)
+
+    if interactive:
+        save_history = setup_history()
+        read_line = input
+        note("Chat through the dllama-node cluster. /help lists the commands; Ctrl-C stops "
+             "an answer, Ctrl-D leaves.")
+    else:
+        save_history = None
+
+        def read_line(prompt: str) -> str:
+            line = sys.stdin.readline()
+            if line == "":
+                raise EOFError
+            return line.rstrip("\n")
+    session = ChatSession(send, write, note, system)
+    try:
+        run_chat(session, read_line, note, interactive=interactive)
+    finally:
+        if save_history is not None:
+            save_history()
+
+
+def status(client: DaemonClient, as_json: bool) -> None:
+    from dllama_node.ctl.status_view import format_status
+
+    answer = client.status()
+    answer.pop("done", None)
+    click.echo(json.dumps(answer) if as_json else format_status(answer))
+
+
+def models(client: DaemonClient, as_json: bool) -> None:
+    answer = client.models()
+    items = answer.get("models", [])
+    if as_json:
+        click.echo(json.dumps({"models": items}))
+        return
+    if not items:
+        click.echo("no models: give a node one with model = PATH in "
+                   "/etc/dllama-node/dllama-node.conf")
+        return
+    rows = [("id", "held by", "identity", "path")]
+    for m in items:
+        rows.append((str(m.get("id", "?")), ", ".join(m.get("held_by") or ()) or "-",
+                     str(m.get("identity") or "-")[:16], str(m.get("path") or "-")))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def plan(client: DaemonClient, model: Optional[str], max_seq_len: Optional[int],
+         as_json: bool) -> None:
+    answer = client.plan(model, max_seq_len or 0)
+    if as_json:
+        click.echo(json.dumps(answer.get("plan")))
+    else:
+        click.echo(answer.get("table") or json.dumps(answer.get("plan"), indent=1))
