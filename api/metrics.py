@@ -92,7 +92,8 @@ def render(counters: ApiCounters, backend_metrics: dict, waiting: int, generatin
         requests = sorted(counters.requests.items())
         prompt, completion, cancelled = (counters.prompt_tokens, counters.completion_tokens,
                                          counters.cancelled)
-    out.family("dllama_requests_total", "counter", "HTTP requests answered, by endpoint and status.",
+    out.family("dllama_requests_total", "counter",
+               "HTTP requests answered, by endpoint and status (499: the client left).",
                [({"endpoint": e, "code": c}, n) for (e, c), n in requests])
     out.family("dllama_prompt_tokens_total", "counter", "Prompt tokens of served requests.",
                [({}, prompt)])

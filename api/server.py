@@ -193,7 +193,8 @@ class ApiServer:
         if endpoint == "/health":
             state = self.backend.state()
             if state == "serving":
-                return 200, _json({"status": "ok", "model": self.backend.model_id}), "application/json"
+                answer = {"status": "ok", "model": self.backend.model_id}
+                return 200, _json(answer), "application/json"
             return 503, _json({"status": state}), "application/json"
         if endpoint == "/metrics":
             text = render(self.counters, self.backend.metrics(), self.queue.waiting,

@@ -175,7 +175,8 @@ def test_bearer_token_required_when_auth_is_on(runner):
         assert status == 401 and headers["www-authenticate"] == "Bearer"
         assert error_of(body)["code"] == "invalid_api_key"
         wrong = KEY[:-1] + b"\x00"
-        assert request(srv, "GET", "/health", headers={"Authorization": f"Bearer {wrong.hex()}"})[0] == 401
+        bad = {"Authorization": f"Bearer {wrong.hex()}"}
+        assert request(srv, "GET", "/health", headers=bad)[0] == 401
         assert request(srv, "GET", "/nowhere")[0] == 401          # before routing
         good = {"Authorization": f"Bearer {KEY.hex()}"}
         assert request(srv, "GET", "/health", headers=good)[0] == 200
@@ -278,7 +279,8 @@ def test_full_queue_503_and_waiting_client_that_leaves(runner):
         time.sleep(0.1)
         assert slow.calls == calls == 1           # the one that left never generated
         assert srv.counters.cancelled == 2
-        assert request(srv, "POST", "/v1/chat/completions", body={**CHAT, "max_tokens": 2})[0] == 200
+        again = request(srv, "POST", "/v1/chat/completions", body={**CHAT, "max_tokens": 2})
+        assert again[0] == 200
 
 
 def test_queued_requests_are_served_in_turn(runner):
