@@ -58,7 +58,14 @@ def cli(ctx: click.Context, debug: bool, verbose: int, config_path: Optional[str
     """Run a Llama-family model on this node or a dllama cluster.
 
     \b
-    Quick start on one machine:
+    On a node of a cluster (the dllama-node service running):
+      dllama-ctl status                 # the nodes, the root, the plan
+      dllama-ctl chat                   # talk to the model, from any node
+      dllama-ctl doctor                 # what to fix, OOM kills above all
+      dllama-ctl logs --oom             # the journal's memory events
+
+    \b
+    Quick start on one machine, without the service:
       dllama-ctl make-model --preset small -o small.gguf
       dllama-ctl generate --model small.gguf --prompt "Once upon a time" --temperature 0
       dllama-ctl chat --model small.gguf
@@ -353,7 +360,69 @@ def models(socket_path, as_json):
     remote_commands.models(_client(socket_path), as_json)
 
 
+@cli.command()
+@socket_option
+@click.option("--json", "as_json", is_flag=True, help="The checks as one JSON object.")
+@click.option("--since", default="-7d", show_default=True, metavar="TIME",
+              help="How far back the OOM history goes (journalctl --since syntax).")
+@click.option("--journal-file", metavar="PATH", default=None,
+              help="Read `journalctl -o json` output saved from a node instead of the journal.")
+@click.option("--kmsg-file", metavar="PATH", default=None,
+              help="Read saved /dev/kmsg records (cat /dev/kmsg) instead of the kernel log.")
+@click.option("--browse-s", type=click.FloatRange(0, 30), default=1.5, show_default=True,
+              help="How long to listen for peers by mDNS when the service is not running.")
+def doctor(socket_path, as_json, since, journal_file, kmsg_file, browse_s):
+    """Check this node: locked memory, priority, memory and cgroup limit, swap, NUMA,
+    peers (multicast), the cluster key, the tokenizer, and the OOM history.
+
+    \b
+    Each check prints OK, WARN or FAIL with what it found and, when not OK, the fix.
+    The limits checked are the running service's (LimitMEMLOCK=, Nice=, capabilities,
+    MemoryMax=), read from its /proc entry. The OOM history comes from the journal
+    (journalctl, last 7 days) and the kernel log (/dev/kmsg: root only):
+      sudo dllama-ctl doctor
+      dllama-ctl doctor --journal-file pi3.json --kmsg-file pi3.kmsg    # a board's saved logs
+    Exit code 0 without FAIL; else that of the first FAIL: 5 memory, 6 cluster,
+    4 tokenizer.
+    """
+    from dllama_node.ctl.doctor import DoctorOptions, doctor as run_doctor
+    ctx = click.get_current_context()
+    code = run_doctor(DoctorOptions(socket_path, (ctx.obj or {}).get("config_path"),
+                                    journal_file, kmsg_file, since, browse_s), as_json)
+    ctx.exit(code)
+
+
+@cli.command()
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new entries (Ctrl-C stops).")
+@click.option("-n", "--lines", type=int, default=None, metavar="N",
+              help="Only the last N entries.")
+@click.option("--oom", is_flag=True,
+              help="Only memory events: OOM diagnoses, memory pressure, vanished peers, "
+                   "rejected plans, refused locks.")
+@click.option("--since", default=None, metavar="TIME", help="journalctl --since, e.g. -1h.")
+@click.option("--journal-file", metavar="PATH", default=None,
+              help="Format saved `journalctl -o json` output instead.")
+def logs(follow, lines, oom, since, journal_file):
+    """The service's journal with the diagnosis fields (node, phase, bytes) shown.
+
+    \b
+      dllama-ctl logs -n 50
+      dllama-ctl logs --oom --since -1d      # why did a node die?
+      dllama-ctl logs -f
+    Same entries as journalctl -u dllama-node; the fields are those of
+    journalctl -u dllama-node -o verbose.
+    """
+    from dllama_node.ctl import logs as logs_module
+    logs_module.logs(follow, lines, oom, since, journal_file)
+
+
 cli.add_command(key_group)
+try:                                     # the HTTP API (api/), when installed with it
+    from dllama_node.ctl.serve_command import serve as _serve
+except ImportError as _e:                # pragma: no cover - a build without api/
+    logging.getLogger(__name__).debug("no serve command: %s", _e)
+else:
+    cli.add_command(_serve)
 
 
 def main(argv: Optional[list] = None) -> None:
