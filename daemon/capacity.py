@@ -28,7 +28,7 @@ from dllama_node.common.units import GiB, MiB, format_bytes
 from dllama_node.plan.data import NodeCapacity
 
 from .journal import log_event
-from .resources import memlock_limit_bytes
+from .resources import lockable_bytes
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def measure_capacity(node_id: str, state_dir: Optional[str], *, n_threads: Optio
     speed, cached = speed_score(state_dir, threads, refresh=refresh_speed)
     numa = read_numa_topology()
     cap = NodeCapacity(node_id=node_id, available_ram_bytes=mem.available_bytes,
-                       free_swap_bytes=mem.swap_free_bytes, memlock_limit_bytes=memlock_limit_bytes(),
+                       free_swap_bytes=mem.swap_free_bytes, memlock_limit_bytes=lockable_bytes(),
                        cores=cores, speed=speed, coordinator_only=coordinator_only)
     lim = cap.memlock_limit_bytes
     log_event("capacity",

@@ -49,6 +49,14 @@ def memlock_limit_bytes() -> int:
     return -1 if soft == resource.RLIM_INFINITY else int(soft)
 
 
+def lockable_bytes() -> int:
+    """How much this process may lock: RLIMIT_MEMLOCK, or -1 (no limit) when that is
+    unlimited or the process has CAP_IPC_LOCK (the kernel then ignores the limit)."""
+    if has_capability(CAP_IPC_LOCK):
+        return -1
+    return memlock_limit_bytes()
+
+
 def effective_capabilities(status_text: Optional[str] = None) -> int:
     """The CapEff bit mask of this process (from /proc/self/status, or the text given)."""
     if status_text is None:

@@ -19,7 +19,6 @@ from typing import Dict, List, Optional
 
 from dllama_node.cluster.auth import read_key
 from dllama_node.cluster.root import ClusterRoot, PlanRejected, WorkerAddress
-from dllama_node.cluster.sync_tcp import NodeFailure
 from dllama_node.cluster.worker import Worker
 from dllama_node.common.errors import ClusterError, DllamaError, UsageError
 from dllama_node.daemon import journal, systemd
@@ -27,10 +26,13 @@ from dllama_node.daemon.capacity import measure_capacity
 from dllama_node.daemon.config import DaemonConfig
 from dllama_node.daemon.control import ControlServer
 from dllama_node.daemon.election import Action, ElectionState, PeerView, decide
+from dllama_node.daemon.forward import ForwardServer, forward
+from dllama_node.daemon.membership import Membership, last_exit_text
+from dllama_node.daemon.ops import ControlOps
 from dllama_node.daemon.oom import start_run
 from dllama_node.daemon.resources import lock_memory, raise_priority
 from dllama_node.discovery.service import Discovery, DiscoveryConfig
-from dllama_node.discovery.txt import NodeAdvert
+from dllama_node.discovery.txt import LAST_EXIT_MAX_BYTES, NodeAdvert
 from dllama_node.plan import NodeCapacity, format_plan
 
 log = logging.getLogger("dllama_node.node")
@@ -60,14 +62,22 @@ class NodeService:
         self.discovery: Optional[Discovery] = None
         self.last_error = ""
         self.failed: tuple = ((), 0.0)       # (members, when) of the last failed start
+        self.ops = ControlOps(self)
+        self.membership = Membership()
+        self.refused: Dict[str, str] = {}    # instance -> why (wrong key): left out of plans
+        self.verified: set = set()           # instances that proved they hold the key
+        self.probing: set = set()
+        self.locked: Optional[bool] = None   # whether this node's slice is locked in RAM
+        self.control_port = 0
+        self.last_exit = ""
 
     # ---- start-up ------------------------------------------------------------------
     def _prepare(self) -> None:
         c = self.config
         os.makedirs(c.state_dir, exist_ok=True)
         self.run_record, diagnosis = start_run(c.state_dir, c.node_id)
-        if diagnosis is not None:
-            journal.log_event("oom_diagnosis", str(diagnosis), node=c.node_id)
+        if diagnosis is not None:         # start_run logged it; peers learn it from the advert
+            self.last_exit = last_exit_text(diagnosis.kind, diagnosis.message, LAST_EXIT_MAX_BYTES)
         self.key = read_key(c.key_file)
         self.capacity = measure_capacity(c.node_id, c.state_dir, n_threads=c.threads or None,
                                          coordinator_only=c.coordinator_only)
@@ -93,6 +103,7 @@ class NodeService:
                        lw.w_down[0]]
         arrays.append(transformer.w.output[0])
         result = lock_memory([a for a in arrays if a.size], node_id=self.config.node_id)
+        self.locked = result.ok and result.locked_bytes > 0
         log.info("memory lock: %s", result.to_dict())
 
     def advert(self) -> NodeAdvert:
@@ -103,14 +114,16 @@ class NodeService:
                           memlock_limit_bytes=cap.memlock_limit_bytes, cores=cap.cores,
                           speed=cap.speed,
                           models=(self.model_identity,) if self.model_identity else (),
-                          coordinator_only=c.coordinator_only, never_root=c.never_root)
+                          coordinator_only=c.coordinator_only, never_root=c.never_root,
+                          control_port=self.control_port, state=_state_word(self.state),
+                          last_exit=self.last_exit)
 
     # ---- the loop ------------------------------------------------------------------
     async def run(self) -> None:
         self._prepare()
         threading.Thread(target=self.worker.serve_forever, name="data-plane",
                          daemon=True).start()
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         loop.add_signal_handler(signal.SIGINT, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self._request_reload)
@@ -119,8 +132,11 @@ class NodeService:
                                 mdns=c.mdns, interfaces=list(c.interfaces) or None,
                                 interval_s=c.heartbeat_interval_s,
                                 timeout_s=c.heartbeat_timeout_s)
-        control = ControlServer(c.control_socket, {"status": self._status,
-                                                   "generate": self._generate})
+        control = ControlServer(c.control_socket, self.ops.handlers())
+        host, port = c.listen_host_port
+        forward_server = ForwardServer(host, port + 1 if port else 0, self.key, c.cluster,
+                                       c.node_id, self.ops.handlers())
+        self.control_port = await forward_server.start()
         async with Discovery(self.advert(), dconf) as discovery:
             self.discovery = discovery
             await control.start()
@@ -145,6 +161,7 @@ class NodeService:
             finally:
                 systemd.stopping("stopping")
                 await control.stop()
+                await forward_server.stop()
                 await loop.run_in_executor(None, self._close_root)
                 self.run_record.finish()
 
@@ -153,6 +170,12 @@ class NodeService:
             log.info("state: %s%s", state, f" ({detail})" if detail else "")
         self.state = state
         systemd.status(f"{state}{': ' + detail if detail else ''}")
+        if self.discovery is not None and self.discovery.advert.state != _state_word(state):
+            update = lambda: self.discovery.update_advert(state=_state_word(state))  # noqa: E731
+            if threading.current_thread() is threading.main_thread():
+                update()
+            else:                                # from the blocking start, in a worker thread
+                self.loop.call_soon_threadsafe(update)
 
     def _request_reload(self) -> None:
         self.reload_requested = True
@@ -182,15 +205,64 @@ class NodeService:
                       self.election.root_id, True, now)
         views = [me]
         table = self.discovery.table
-        for a in self.discovery.peers():
+        for a in self.trusted_peers():
             entry = table.entry(a.node_id)
             views.append(PeerView(a.node_id, a.available_ram_bytes, bool(a.models),
                                   a.never_root, a.coordinator_only, a.term, a.root_id or None,
                                   True, entry.heard_s if entry else None))
         return views
 
+    def trusted_peers(self) -> List[NodeAdvert]:
+        """The peers that proved they hold the cluster key (the others are not members)."""
+        return [a for a in self.discovery.peers() if a.instance in self.verified]
+
+    async def _probe(self, a: NodeAdvert) -> None:
+        """Check once per instance that a peer holds the cluster key: a mutual challenge-
+        response on its control port. A peer without it is left out, with the reason."""
+        async def ignore(line):
+            pass
+        try:
+            if not a.control_port:
+                raise ClusterError("it advertises no control port (an older version?)")
+            await forward(a.address, a.control_port, self.key, self.config.cluster,
+                          self.config.node_id, {"op": "ping"}, ignore, timeout_s=10)
+        except DllamaError as e:
+            self.refused[a.instance] = str(e)
+            journal.log_event("plan_rejected", f"node {a.node_id} ({a.address}) is not a member: "
+                              f"{e}", node=a.node_id, phase=self.state)
+        else:
+            self.verified.add(a.instance)
+        finally:
+            self.probing.discard(a.instance)
+
+    def _watch_members(self) -> None:
+        """Start key probes for new peers; journal vanished and returning nodes."""
+        for a in self.discovery.peers():
+            if a.instance not in self.verified and a.instance not in self.refused \
+                    and a.instance not in self.probing:
+                self.probing.add(a.instance)
+                asyncio.get_running_loop().create_task(self._probe(a))
+        plan = self.root.plan if self.root is not None and self.root.plan else None
+        planned = {n.node_id: n.memory.total for n in plan.nodes} if plan else {}
+        old_root = self.election.root_id
+        changes = self.membership.update(self.trusted_peers(), planned)
+        me = self.config.node_id
+        for v in changes.vanished:
+            if old_root == me or v.advert.node_id == old_root:
+                journal.log_event("peer_vanished", v.message(), node=v.advert.node_id,
+                                  phase=v.advert.state or "unknown",
+                                  available_bytes=v.advert.available_ram_bytes,
+                                  planned_bytes=v.planned_bytes)
+        for r in changes.returned:
+            if old_root == me:
+                journal.log_event("oom_diagnosis" if r.oom_killed else "previous_exit",
+                                  r.message(), node=r.advert.node_id, reported_by=me)
+
     async def _tick(self) -> None:
         now = time.monotonic()
+        self._watch_members()
+        if self.probing:
+            return        # a peer is proving it holds the key: elect with it or without it
         decision = decide(self.election, self._views(now), now, self.config.node_id)
         old = self.election
         self.election = decision.state
@@ -211,7 +283,7 @@ class NodeService:
                 self._set_state("electing")
 
     async def _serve_as_root(self) -> None:
-        peers = [a for a in self.discovery.peers()]
+        peers = self.trusted_peers()
         members = tuple(sorted(a.node_id for a in peers))
         if self.root is not None and self.root.ready and members == self.members:
             return
@@ -287,56 +359,6 @@ class NodeService:
             self.root = None
             self.members = ()
 
-    # ---- control handlers --------------------------------------------------------------
-    async def _status(self, request: dict, emit) -> dict:
-        plan = self.root.plan.to_dict() if self.root is not None and self.root.plan else None
-        return {"node_id": self.config.node_id, "state": self.state,
-                "root_id": self.election.root_id, "term": self.election.term,
-                "peers": [a.to_dict() for a in self.discovery.peers()] if self.discovery else [],
-                "plan": plan, "last_error": self.last_error}
-
-    async def _generate(self, request: dict, emit) -> dict:
-        if self.root is None or not self.root.ready:
-            raise ClusterError(f"node {self.config.node_id} is not serving as the root (state "
-                               f"{self.state}, root {self.election.root_id or 'none'})")
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def work():
-            from dllama_node.engine.sampler import Sampler, SamplerSettings
-            from dllama_node.engine.text import TextStream
-            with self.busy:
-                tok = self.root.tokenizer
-                ids = request.get("prompt_tokens") or tok.encode(request.get("prompt", ""))
-                sampler = Sampler(SamplerSettings(
-                    temperature=float(request.get("temperature", 0.8)),
-                    top_k=int(request.get("top_k", 40)), top_p=float(request.get("top_p", 0.95)),
-                    repetition_penalty=float(request.get("repetition_penalty", 1.0)),
-                    seed=request.get("seed")))
-                stream = TextStream(tok)
-                out = []
-                stops = set(tok.eot_ids) | ({tok.eos_id} if tok.eos_id is not None else set())
-                try:
-                    for t in self.root.generate(ids, int(request.get("max_tokens", 128)), sampler,
-                                                stops, vocab_limit=tok.vocab_size):
-                        out.append(t)
-                        loop.call_soon_threadsafe(queue.put_nowait,
-                                                  {"token": t, "text": stream.push(t)})
-                except NodeFailure as e:
-                    journal.log_event("peer_vanished", str(e), node=e.node_id,
-                                      phase=f"generation, layer {e.layer}")
-                    self.members = ()          # re-plan on the next tick
-                    raise
-                stream.flush()
-                return {"prompt_tokens": list(map(int, ids)), "tokens": out, "text": stream.text}
-
-        future = loop.run_in_executor(None, work)
-        while not future.done() or not queue.empty():
-            try:
-                await emit(await asyncio.wait_for(queue.get(), 0.1))
-            except asyncio.TimeoutError:
-                pass
-        return await future
 
 
 def _endpoint(text: str):
@@ -345,3 +367,9 @@ def _endpoint(text: str):
         return host, int(port)
     except ValueError:
         raise UsageError(f"static peer {text!r}: expected HOST:PORT") from None
+
+
+def _state_word(state: str) -> str:
+    """The advertised state: one lowercase word (the TXT record keeps it short)."""
+    import re
+    return re.sub(r"[^a-z]", "", state.lower())[:20]

@@ -29,10 +29,12 @@ CLUSTER_MAX_CHARS = 63
 MODEL_NAME_MAX_BYTES = 200
 ROOT_ID_MAX_CHARS = NODE_ID_MAX_CHARS
 INT64_MAX = 2 ** 63 - 1
+LAST_EXIT_MAX_BYTES = 240       # one TXT string: "lx=" + this fits in 255 bytes
 
 _NODE_ID_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\Z")
 _CLUSTER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 _INSTANCE_RE = re.compile(r"[0-9a-f]{0,32}\Z")
+_STATE_RE = re.compile(r"[a-z]{0,20}\Z")
 _DECIMAL_RE = re.compile(r"-?[0-9]{1,19}\Z")
 
 
@@ -67,6 +69,10 @@ class NodeAdvert:
     root_id: str = ""
     instance: str = ""
     revision: int = 0
+    control_port: int = 0       # TCP port of its authenticated control forwarding (0: none)
+    http_port: int = 0          # TCP port of its OpenAI-compatible HTTP API (0: none)
+    state: str = ""             # its daemon state in one word (discovering, serving, ...)
+    last_exit: str = ""         # how its previous run ended, when badly (OOM kills above all)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(self.models))
@@ -131,7 +137,8 @@ _FIELD_TYPES: Dict[str, type] = {
     "protocol_version": int, "available_ram_bytes": int, "free_swap_bytes": int,
     "memlock_limit_bytes": int, "cores": int, "speed": float, "models": list,
     "coordinator_only": bool, "never_root": bool, "term": int, "root_id": str,
-    "instance": str, "revision": int,
+    "instance": str, "revision": int, "control_port": int, "http_port": int, "state": str,
+    "last_exit": str,
 }
 
 
@@ -156,6 +163,14 @@ def _validate(a: NodeAdvert) -> None:
         value = getattr(a, name)
         if not 1 <= value <= 65535:
             raise bad(name, value, "a port in [1, 65535]")
+    for name in ("control_port", "http_port"):
+        value = getattr(a, name)
+        if not 0 <= value <= 65535:
+            raise bad(name, value, "0 (none) or a port in [1, 65535]")
+    if not _STATE_RE.match(a.state):
+        raise bad("state", a.state, "at most 20 lowercase letters")
+    if _utf8_len(a.last_exit) > LAST_EXIT_MAX_BYTES or "\x00" in a.last_exit:
+        raise bad("last_exit", a.last_exit[:40], f"at most {LAST_EXIT_MAX_BYTES} bytes of text")
     for name, low in (("protocol_version", 0), ("available_ram_bytes", 0), ("free_swap_bytes", 0),
                       ("memlock_limit_bytes", -1), ("cores", 1), ("term", 0), ("revision", 0)):
         value = getattr(a, name)
@@ -184,7 +199,8 @@ _TXT_KEYS: Tuple[Tuple[str, str], ...] = (
     ("heartbeat_port", "hp"), ("address", "a"), ("available_ram_bytes", "ram"),
     ("free_swap_bytes", "swp"), ("memlock_limit_bytes", "mlk"), ("cores", "c"), ("speed", "s"),
     ("coordinator_only", "co"), ("never_root", "nr"), ("term", "t"), ("root_id", "r"),
-    ("instance", "i"), ("revision", "rv"),
+    ("instance", "i"), ("revision", "rv"), ("control_port", "cp"), ("http_port", "wp"),
+    ("state", "st"), ("last_exit", "lx"),
 )
 _REQUIRED_TXT_KEYS = ("id", "cl", "p", "hp")
 

@@ -1,0 +1,290 @@
+"""The control operations a daemon answers (daemon/control.py on the Unix socket,
+daemon/forward.py between nodes). The root answers them itself; any other node forwards
+the ones that need the root (generate, plan, models, the cluster's status) there.
+
+    status   -> this node, the root, the term, every node's row (role, address, memory,
+                slice, state), the plan and its table
+    generate -> {"prompt"} or {"messages"} with sampler settings and stop strings; streams
+                {"token", "text"} lines, ends with text, tokens, prompt_tokens, finish_reason
+    models   -> the model files the cluster's nodes hold, by identity
+    plan     -> a dry run: the plan for a model (this node's, or "model") and max_seq_len over
+                the nodes present now, with its table
+    ping     -> {"node_id"}: checks that a peer holds the cluster key (the handshake did that)
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, List, Optional
+
+from dllama_node.common.errors import ClusterError, UsageError
+from dllama_node.daemon import journal
+from dllama_node.daemon.forward import forward
+
+if TYPE_CHECKING:                                  # pragma: no cover
+    from dllama_node.daemon.service import NodeService
+
+log = logging.getLogger(__name__)
+
+ROOT_OPS = ("generate", "plan", "models")
+
+
+class ControlOps:
+    def __init__(self, service: "NodeService"):
+        self.s = service
+        self.last_decode_tok_s: Optional[float] = None
+
+    def handlers(self) -> dict:
+        return {"status": self.status, "generate": self.generate, "models": self.models,
+                "plan": self.plan, "ping": self.ping}
+
+    # ---- routing ---------------------------------------------------------------------
+    def _is_root(self) -> bool:
+        return self.s.election.root_id == self.s.config.node_id
+
+    async def _to_root(self, request: dict, emit) -> dict:
+        """Forward to the root; its final line is returned (an error stays an error)."""
+        s = self.s
+        root_id = s.election.root_id
+        advert = next((a for a in s.discovery.peers() if a.node_id == root_id), None) \
+            if s.discovery and root_id else None
+        if advert is None:
+            raise ClusterError(f"node {s.config.node_id} knows no root yet (state {s.state}): "
+                               "wait for the election, or see `dllama-ctl status`")
+        if not advert.control_port:
+            raise ClusterError(f"root {root_id} advertises no control port (an older version?)")
+        answer = await forward(advert.address, advert.control_port, s.key, s.config.cluster,
+                               s.config.node_id, dict(request, forwarded_by=s.config.node_id),
+                               emit)
+        answer.pop("done", None)
+        if "error" in answer:
+            from dllama_node.common.errors import DllamaError
+            err = DllamaError(answer["error"])
+            err.exit_code = int(answer.get("exit_code", 6))
+            raise err
+        return answer
+
+    # ---- ops ---------------------------------------------------------------------------
+    async def ping(self, request: dict, emit) -> dict:
+        return {"node_id": self.s.config.node_id, "state": self.s.state}
+
+    async def status(self, request: dict, emit) -> dict:
+        s = self.s
+        local = {"node_id": s.config.node_id, "state": s.state, "root_id": s.election.root_id,
+                 "term": s.election.term, "last_error": s.last_error,
+                 "peers": [a.to_dict() for a in s.discovery.peers()] if s.discovery else []}
+        if self._is_root() or request.get("local") or not s.election.root_id:
+            return dict(local, **self.cluster_view())
+        try:
+            remote = await self._to_root({"op": "status"}, emit)
+        except ClusterError as e:
+            return dict(local, plan=None, plan_table=None, nodes=self.node_rows(None),
+                        last_error=f"the root did not answer: {e}")
+        return dict(remote, node_id=s.config.node_id, state=s.state, asked_root=True)
+
+    def cluster_view(self) -> dict:
+        from dllama_node.plan import format_plan
+        root = self.s.root
+        plan = root.plan if root is not None and root.ready else None
+        return {"plan": plan.to_dict() if plan else None,
+                "plan_table": format_plan(plan) if plan else None,
+                "nodes": self.node_rows(plan)}
+
+    def node_rows(self, plan) -> List[dict]:
+        """One row per node this node knows, itself first."""
+        s = self.s
+        me = s.advert()
+        adverts = [me.replace(state=s.state)] + (s.discovery.peers() if s.discovery else [])
+        in_plan = {n.node_id: n for n in plan.nodes} if plan else {}
+        excluded = {x.node_id: x.reason for x in plan.excluded} if plan else {}
+        rows = []
+        for a in adverts:
+            n = in_plan.get(a.node_id)
+            if a.node_id == s.election.root_id:
+                role = "coordinator" if a.coordinator_only else "root"
+            elif a.node_id in excluded:
+                role = "excluded"
+            elif n is not None:
+                role = "worker"
+            else:
+                role = "standby"
+            slice_text = ""
+            if n is not None:
+                slice_text = (f"heads {n.q_heads[0]}-{n.q_heads[1]}, ffn rows "
+                              f"{n.ffn_rows[0]}-{n.ffn_rows[1]}")
+            rows.append({
+                "node_id": a.node_id, "role": role,
+                "address": f"{a.address}:{a.port}" if a.address else f"(this node):{a.port}",
+                "available_ram_bytes": a.available_ram_bytes, "free_swap_bytes": a.free_swap_bytes,
+                "memlock_limit_bytes": a.memlock_limit_bytes, "cores": a.cores, "speed": a.speed,
+                "slice": slice_text, "planned_bytes": n.memory.total if n is not None else None,
+                "locked": (s.locked if a.node_id == s.config.node_id else None),
+                "tok_s": (self.last_decode_tok_s if role in ("root", "coordinator") else None),
+                "state": a.state or "", "excluded_reason": excluded.get(a.node_id)})
+        return rows
+
+    async def models(self, request: dict, emit) -> dict:
+        if not self._is_root():
+            return await self._to_root(request, emit)
+        s = self.s
+        held = {}
+        for a in [s.advert()] + s.discovery.peers():
+            for m in a.models:
+                held.setdefault(m, []).append(a.node_id)
+        out = []
+        for identity, nodes in sorted(held.items()):
+            out.append({"id": identity, "identity": identity, "held_by": sorted(nodes),
+                        "path": s.config.model if identity == s.model_identity else None,
+                        "serving": bool(s.root is not None and s.root.ready
+                                        and identity == s.model_identity)})
+        return {"models": out}
+
+    async def plan(self, request: dict, emit) -> dict:
+        if not self._is_root() and not request.get("local"):
+            return await self._to_root(request, emit)
+        from dllama_node.cluster.planning import make_plan
+        from dllama_node.model import open_model
+        from dllama_node.plan import format_plan
+
+        s = self.s
+        path = request.get("model") or s.config.model
+        if not path:
+            raise UsageError("plan: this node holds no model file: give one (\"model\")")
+        max_seq_len = int(request.get("max_seq_len") or 0) or (s.config.max_seq_len or None)
+        caps = [s.capacity] + [s._capacity_with_override(a) for a in s.discovery.peers()]
+
+        def work():
+            with open_model(path) as m:
+                return make_plan(m, caps, max_seq_len, allow_swap=s.config.allow_swap,
+                                 batch=64)
+        plan = await asyncio.get_running_loop().run_in_executor(None, work)
+        return {"plan": plan.to_dict(), "table": format_plan(plan)}
+
+    async def generate(self, request: dict, emit) -> dict:
+        if not self._is_root():
+            return await self._to_root(request, emit)
+        s = self.s
+        if s.root is None or not s.root.ready:
+            raise ClusterError(f"node {s.config.node_id} is the root but not serving yet (state "
+                               f"{s.state}{': ' + s.last_error if s.last_error else ''})")
+        params = _generate_params(request)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def work():
+            from dllama_node.engine.sampler import Sampler
+            from dllama_node.engine.text import TextStream
+            from dllama_node.cluster.sync_tcp import NodeFailure
+            with s.busy:
+                root = s.root
+                if root is None or not root.ready:
+                    raise ClusterError("the cluster is re-planning: try again in a few seconds")
+                tok = root.tokenizer
+                if params["messages"] is not None:
+                    ids = tok.encode_chat(params["messages"], add_generation_prompt=True)
+                elif params["prompt_tokens"] is not None:
+                    ids = params["prompt_tokens"]
+                else:
+                    ids = tok.encode(params["prompt"])
+                room = root.plan.max_seq_len - len(ids)
+                if room <= 0:
+                    raise UsageError(f"the prompt is {len(ids)} tokens, the context is "
+                                     f"{root.plan.max_seq_len}: shorten it or /reset")
+                sampler = Sampler(params["sampler"])
+                stream = TextStream(tok, params["stop"])
+                stops = set(getattr(tok, "eot_ids", ()) or ())
+                if tok.eos_id is not None:
+                    stops.add(tok.eos_id)
+                out: List[int] = []
+                finish = "length"
+                max_tokens = min(params["max_tokens"], room)
+                t0 = time.perf_counter()
+                gen = root.generate(ids, max_tokens, sampler, stops, vocab_limit=tok.vocab_size)
+                try:
+                    for t in gen:
+                        out.append(int(t))
+                        piece = stream.push(t)
+                        loop.call_soon_threadsafe(queue.put_nowait, {"token": int(t), "text": piece})
+                        if stream.stopped:
+                            finish = "stop"
+                            break
+                        if cancel.is_set():
+                            finish = "cancelled"
+                            break
+                except NodeFailure as e:
+                    journal.log_event("peer_vanished", str(e), node=e.node_id,
+                                      phase=f"generation, layer {e.layer}")
+                    s.members = ()          # re-plan on the next tick
+                    raise
+                finally:
+                    gen.close()
+                if out and out[-1] in stops:
+                    finish = "stop"
+                if len(out) > 1:
+                    self.last_decode_tok_s = (len(out) - 1) / max(
+                        time.perf_counter() - t0 - root.session.timings.prompt_s, 1e-9)
+                tail = stream.flush()
+                if tail:
+                    loop.call_soon_threadsafe(queue.put_nowait, {"token": None, "text": tail})
+                return {"prompt_tokens": [int(i) for i in ids], "tokens": out,
+                        "text": stream.text, "finish_reason": finish,
+                        "max_seq_len": root.plan.max_seq_len}
+
+        future = loop.run_in_executor(None, work)
+        try:
+            while not future.done() or not queue.empty():
+                try:
+                    await emit(await asyncio.wait_for(queue.get(), 0.1))
+                except asyncio.TimeoutError:
+                    pass
+        except BaseException:
+            cancel.set()          # the client went away: stop generating for it
+            raise
+        return await future
+
+
+def _generate_params(r: dict) -> dict:
+    """Validated generate parameters; UsageError names the field and the value."""
+    from dllama_node.engine.sampler import SamplerSettings
+
+    messages = r.get("messages")
+    if messages is not None:
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str) for m in messages):
+            raise UsageError("messages: expected a non-empty list of {role, content} objects")
+    prompt = r.get("prompt", "")
+    if not isinstance(prompt, str):
+        raise UsageError(f"prompt: expected text, found {type(prompt).__name__}")
+    tokens = r.get("prompt_tokens")
+    if tokens is not None and not (isinstance(tokens, list) and tokens
+                                   and all(isinstance(t, int) and t >= 0 for t in tokens)):
+        raise UsageError("prompt_tokens: expected a non-empty list of token ids")
+    max_tokens = r.get("max_tokens", 256)
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
+        raise UsageError(f"max_tokens {max_tokens!r}: expected a whole number >= 0")
+    stop = r.get("stop") or []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
+        raise UsageError("stop: expected a string or a list of strings")
+
+    def num(name, default, kind=float):
+        v = r.get(name, default)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise UsageError(f"{name} {v!r}: expected a number")
+        return kind(v)
+    seed = r.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise UsageError(f"seed {seed!r}: expected a whole number")
+    settings = SamplerSettings(temperature=num("temperature", 0.8), top_k=num("top_k", 40, int),
+                               top_p=num("top_p", 0.95),
+                               repetition_penalty=num("repetition_penalty", 1.0),
+                               seed=seed).validate()
+    return {"messages": messages, "prompt": prompt, "prompt_tokens": tokens,
+            "max_tokens": max_tokens, "stop": stop, "sampler": settings}
