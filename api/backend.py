@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import os
 import threading
 from typing import Callable, Iterator, Optional, Sequence, Union
 
@@ -40,6 +41,15 @@ class NotServing(DllamaError):
     def __init__(self, state: str):
         super().__init__(f"the model is not being served (state: {state})")
         self.state = state
+
+
+def model_id_from_path(model_path: str) -> str:
+    """The name a model file is served under: its file name without .gguf or .m."""
+    name = os.path.basename(model_path)
+    for ext in (".gguf", ".m"):
+        if name.endswith(ext) and len(name) > len(ext):
+            return name[:-len(ext)]
+    return name
 
 
 def stop_ids(tokenizer) -> set:

@@ -82,21 +82,34 @@ class EngineQueue:
             self.waiting -= 1
         return await self._generate(job, gone, on_text)
 
+    async def idle(self, timeout_s: float = 10.0) -> bool:
+        """Wait until no generation runs (at most timeout_s); True when idle."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self.generating and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        return not self.generating
+
     async def _acquire(self, gone: asyncio.Event) -> None:
+        """The engine lock, or ClientGone when `gone` is set first. Never leaves the lock
+        held when it raises (a cancelled handler included)."""
         acquire = asyncio.ensure_future(self._lock.acquire())
         left = asyncio.ensure_future(gone.wait())
         try:
             await asyncio.wait({acquire, left}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
+        except BaseException:
             left.cancel()
-            if not acquire.done():
-                acquire.cancel()
-            try:
-                got = await acquire
-            except asyncio.CancelledError:
-                got = False
-        if not got:
+            self._abandon(acquire)
+            raise
+        left.cancel()
+        if not acquire.done():
+            self._abandon(acquire)
             raise ClientGone()
+
+    def _abandon(self, acquire: asyncio.Future) -> None:
+        if not acquire.done():
+            acquire.cancel()             # asyncio.Lock passes the lock on if it was granted
+        elif not acquire.cancelled() and acquire.exception() is None:
+            self._lock.release()
 
     async def _generate(self, job: Job, gone: asyncio.Event,
                         on_text: Optional[Callable[[str], Awaitable[None]]]) -> Outcome:

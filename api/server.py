@@ -111,9 +111,11 @@ class ApiServer:
             self._server.close()
             await self._server.wait_closed()
         for task in list(self._connections):
-            task.cancel()
+            task.cancel()                # a running generation is cancelled with its client
         if self._connections:
             await asyncio.gather(*self._connections, return_exceptions=True)
+        if not await self.queue.idle():
+            log.warning("a generation was still running when the HTTP API stopped")
         self.queue.close()
 
     async def serve_until(self, stop: asyncio.Event) -> None:

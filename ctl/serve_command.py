@@ -7,12 +7,12 @@ SIGINT or SIGTERM.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 from typing import Optional, Tuple
 
 import click
 
+from dllama_node.api.backend import model_id_from_path as default_model_id
 from dllama_node.common.errors import UsageError
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
@@ -35,14 +35,6 @@ def parse_listen(text: str) -> Tuple[str, int]:
     except ValueError:
         raise UsageError(f"--listen {text!r}: the port {port_text!r} is not 0-65535") from None
     return host, port
-
-
-def default_model_id(model_path: str) -> str:
-    name = os.path.basename(model_path)
-    for ext in (".gguf", ".m"):
-        if name.endswith(ext):
-            return name[:-len(ext)]
-    return name
 
 
 async def _serve(backend, config, announce) -> None:

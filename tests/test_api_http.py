@@ -322,3 +322,22 @@ def test_serve_command_prints_url_serves_and_stops_on_sigterm(model_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_stopping_the_server_cancels_running_and_waiting_generations(runner):
+    slow = SlowRunner(runner, delay_s=0.01)
+    backend = EngineBackend(slow, "tiny")
+    with serve_in_thread(backend, ApiConfig(port=0)) as srv:
+        running = raw_socket(srv, {**CHAT, "max_tokens": 400})
+        wait_for(lambda: srv.queue.generating, what="a generation")
+        waiting = raw_socket(srv, {**CHAT, "max_tokens": 400})
+        wait_for(lambda: srv.queue.waiting == 1, what="a waiting request")
+        t0 = time.monotonic()
+    assert time.monotonic() - t0 < 2.0
+    stopped_at = slow.produced
+    time.sleep(0.1)
+    assert slow.produced == stopped_at < 200 and slow.calls == 1
+    assert backend.lock.acquire(timeout=1)       # the engine is free
+    backend.lock.release()
+    running.close()
+    waiting.close()
