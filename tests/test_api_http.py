@@ -341,3 +341,35 @@ def test_stopping_the_server_cancels_running_and_waiting_generations(runner):
     backend.lock.release()
     running.close()
     waiting.close()
+
+
+class FailingRunner(SlowRunner):
+    """Fails like a cluster whose worker vanished, after `after` tokens."""
+
+    def __init__(self, runner, after: int):
+        super().__init__(runner, 0.0)
+        self.after = after
+
+    def generate(self, *args, **kw):
+        from dllama_node.common.errors import ClusterError
+
+        for i, token in enumerate(super().generate(*args, **kw)):
+            if i == self.after:
+                raise ClusterError("node n1 vanished at position 7, layer 2")
+            yield token
+
+
+def test_engine_failure_is_503_before_the_answer_and_an_error_event_in_a_stream(runner):
+    with serve_in_thread(EngineBackend(FailingRunner(runner, 3), "tiny"),
+                         ApiConfig(port=0)) as srv:
+        status, headers, body = request(srv, "POST", "/v1/chat/completions",
+                                        body={**CHAT, "max_tokens": 20})
+        assert status == 503 and "retry-after" in headers
+        assert error_of(body)["code"] == "generation_failed" and "n1" in error_of(body)["message"]
+        status, _, body = request(srv, "POST", "/v1/chat/completions",
+                                  body={**CHAT, "max_tokens": 20, "stream": True})
+        events = [line[len(b"data: "):] for line in body.split(b"\n\n") if line]
+        assert status == 200 and b"[DONE]" not in events
+        assert json.loads(events[-1])["error"]["code"] == "generation_failed"
+        assert sum("choices" in json.loads(e) for e in events) >= 2   # role + text before it
+        assert request(srv, "GET", "/health")[0] == 200
