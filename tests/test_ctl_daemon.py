@@ -4,10 +4,8 @@ request it sent and what it printed."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import threading
-import time
 
 import pytest
 from click.testing import CliRunner
