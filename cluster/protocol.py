@@ -11,9 +11,16 @@ Control messages (HELLO, WELCOME, ASSIGN, LOADED, ERROR, BYE) carry JSON. The pe
 data plane carries raw little-endian arrays:
 
     FORWARD  <QIB3x start_pos, n, want_logits, then x float32 (n, dim): root -> workers
-    PART     this node's partial output (n, dim), in the wire format: worker -> root
-    SUM      the all-reduced output (n, dim), in the wire format: root -> workers
+    PART     this node's partial output (n, dim), in the wire format: in the mesh (the
+             default) every node -> every other node; in the star worker -> root
+    SUM      star only: the all-reduced output (n, dim), in the wire format: root -> workers
     LOGITS   this node's classifier rows of the last token, float32: worker -> root
+
+The mesh: after every worker has LOADED, the root sends each one MESH {"session",
+"index", "peers"}; worker i connects to the workers before it (the addresses the root was
+given), accepts the ones after it on its own listener, each link authenticated by the
+same handshake as the root's (HELLO carries "mesh": session and "index"), and answers
+MESH {"links"}. See cluster/sync_tcp.py for the all-reduce over it.
 
 Wire formats: "q8_0" (default: blocks of 32 int8 with an f16 scale, 34 bytes per 32
 values) or "f32". Every receive has a timeout; TCP_NODELAY is set on every socket.
@@ -32,7 +39,7 @@ import numpy as np
 from dllama_node.common.errors import ClusterError, ProtocolError
 
 MAGIC = b"DLN\x01"
-PROTOCOL_VERSION = 2   # 2: HELLO/WELCOME/AUTH carry the cluster-key handshake
+PROTOCOL_VERSION = 3   # 2: the cluster-key handshake; 3: the all-gather mesh (MESH)
 HEADER = struct.Struct("<4sHHQ")
 FORWARD_HEADER = struct.Struct("<QIB3x")
 CHUNK_HEADER = struct.Struct("<HQ")
@@ -57,6 +64,7 @@ class Kind(enum.IntEnum):
     CHUNK_END = 14   # root -> worker: every chunk asked for has been sent
     STATS = 15       # root -> worker {"reset": bool}; worker -> root {"compute_s", "sync_s", "steps"}
     AUTH = 16        # root -> worker: the root's proof of the cluster key (cluster/auth.py)
+    MESH = 17        # root -> worker: {"session", "index", "peers"}; worker -> root: {"links"}
 
 
 def wire_bytes(n_values: int, wire: str) -> int:
@@ -80,6 +88,7 @@ class Connection:
             if hasattr(socket, opt):
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), val)
         sock.settimeout(timeout_s)
+        self._timeout_now: Optional[float] = timeout_s    # what the socket is set to
         self._header = bytearray(HEADER.size)
         self.pushback: Optional[Tuple[Kind, int]] = None   # a header read ahead, not consumed
 
@@ -98,11 +107,19 @@ class Connection:
         except OSError:
             pass
 
+    def use_timeout(self, timeout_s: Optional[float]) -> None:
+        """Set the socket's timeout (None: blocking) unless it is set so already: the
+        data plane calls this per message, and a settimeout is a system call."""
+        if timeout_s != self._timeout_now:
+            self.sock.settimeout(timeout_s)
+            self._timeout_now = timeout_s
+
     # ---- sending -------------------------------------------------------------------
     def send(self, kind: Kind, *parts) -> None:
         views = [memoryview(p).cast("B") for p in parts]
         total = sum(len(v) for v in views)
         buffers = [HEADER.pack(MAGIC, PROTOCOL_VERSION, int(kind), total)] + views
+        self.use_timeout(self.timeout_s)
         try:
             while buffers:
                 sent = self.sock.sendmsg(buffers)
@@ -123,7 +140,7 @@ class Connection:
 
     # ---- receiving -----------------------------------------------------------------
     def _recv_exact(self, view: memoryview, what: str, timeout_s: Optional[float]) -> None:
-        self.sock.settimeout(timeout_s)
+        self.use_timeout(timeout_s)
         got = 0
         try:
             while got < len(view):
@@ -138,8 +155,6 @@ class Connection:
         except ConnectionError as e:
             raise ClusterError(f"node {self.peer}: connection lost while waiting for {what} "
                                f"({e.strerror or e})") from None
-        finally:
-            self.sock.settimeout(self.timeout_s)
 
     def recv_header(self, what: str = "a message",
                     timeout_s: Optional[float] = -1.0) -> Tuple[Kind, int]:
@@ -150,10 +165,14 @@ class Connection:
             return header
         t = self.timeout_s if timeout_s == -1.0 else timeout_s
         self._recv_exact(memoryview(self._header), what, t)
-        magic, version, kind, length = HEADER.unpack(self._header)
+        return self.check_header(self._header)
+
+    def check_header(self, header) -> Tuple[Kind, int]:
+        """(kind, payload length) of a received 16-byte header, or a ProtocolError."""
+        magic, version, kind, length = HEADER.unpack_from(header)
         if magic != MAGIC:
             raise ProtocolError(f"peer {self.peer} does not speak the dllama protocol "
-                                f"(first bytes {bytes(self._header[:8]).hex(' ')}, expected "
+                                f"(first bytes {bytes(header[:8]).hex(' ')}, expected "
                                 f"{MAGIC.hex(' ')} ...)")
         if version != PROTOCOL_VERSION:
             raise ProtocolError(f"peer {self.peer} speaks protocol version {version}, this node "

@@ -3,10 +3,16 @@
 The root is robust (piwheels' rule): when a worker fails mid-generation it reports the
 node, the position, the layer and the cause to the client, drops the node, re-plans over
 the nodes that are left, and serves the next request.
+
+The all-reduces run over a mesh (sync="mesh", the default: every node sends its part to
+every other node) or the older star through the root (sync="star"); the environment
+variable DLLAMA_SYNC sets the default, so that benchmarks can compare the two.
 """
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
@@ -14,9 +20,9 @@ from typing import Callable, List, Optional, Sequence
 from dllama_node.cluster.auth import INITIATOR, Handshake
 from dllama_node.cluster.planning import make_plan, slice_spec
 from dllama_node.cluster.protocol import PROTOCOL_VERSION, Connection, Kind, DEFAULT_TIMEOUT_S
-from dllama_node.cluster.sync_tcp import NodeFailure, Peer, RootSync
+from dllama_node.cluster.sync_tcp import NodeFailure, Peer, RootMeshSync, RootSync
 from dllama_node.cluster.transfer import serve_slice
-from dllama_node.cluster.wire import check_wire
+from dllama_node.cluster.wire import check_sync, check_wire
 from dllama_node.common.errors import ClusterError
 from dllama_node.common.memory import current_rss_bytes
 from dllama_node.engine.forward import Transformer
@@ -69,7 +75,7 @@ class ClusterRoot:
                  batch: int = 64, timeout_s: float = DEFAULT_TIMEOUT_S,
                  tokenizer_path: Optional[str] = None, load_tokenizer: bool = True,
                  stream_weights: bool = False, key: bytes = b"", cluster: str = "default",
-                 allow_swap: bool = False):
+                 allow_swap: bool = False, sync: Optional[str] = None):
         from dllama_node.cluster.slices import model_identity
         from dllama_node.model import open_model
 
@@ -84,6 +90,7 @@ class ClusterRoot:
         self.threads, self.batch, self.timeout_s = threads, batch, timeout_s
         self.max_seq_len, self.split = max_seq_len, split
         self.wire = check_wire(wire, self.model.config.dim)
+        self.sync_mode = check_sync(sync or os.environ.get("DLLAMA_SYNC") or "mesh")
         self.tokenizer = None
         if load_tokenizer:
             from dllama_node.tokenizer import load_tokenizer as _load
@@ -92,8 +99,9 @@ class ClusterRoot:
         self.peers: List[Peer] = []
         self.plan: Optional[ShardPlan] = None
         self.session: Optional[Session] = None
-        self.sync: Optional[RootSync] = None
+        self.sync = None                     # RootMeshSync or RootSync, after start
         self.reports: List[NodeReport] = []
+        self._auth_ids: dict = {}            # worker node id -> the id its handshake used
 
     # ---- start ---------------------------------------------------------------------
     def start(self, progress: Optional[Callable[[str], None]] = None,
@@ -111,6 +119,7 @@ class ClusterRoot:
                 conn.send_json(Kind.AUTH, hs.confirm(conn.recv_json(Kind.WELCOME, "WELCOME"),
                                                      conn.peer))
                 conns.append(conn)
+                self._auth_ids[w.node_id] = hs.peer_id    # the id it proved, for the mesh
             capacities = [self.root_capacity] + [w.capacity for w in self.workers]
             split = self.split[:len(capacities)] if self.split else None
             self.plan = make_plan(self.model, capacities, self.max_seq_len, split,
@@ -144,9 +153,7 @@ class ClusterRoot:
             say(f"loading {len(self.peers) + 1} slices")
             t0 = time.perf_counter()
             weights = load_weights(self.model, slice_spec(root_slice))
-            self.sync = RootSync(self.peers, cfg.dim, self.batch, self.wire)
-            transformer = Transformer(weights, self.plan.max_seq_len, self.threads, self.batch,
-                                      self.sync)
+            transformer = Transformer(weights, self.plan.max_seq_len, self.threads, self.batch)
             transformer.forward = self._timed(transformer.forward)
             self.reports = [NodeReport(root_slice.node_id, root_slice.role,
                                        root_slice.memory.total, weights.nbytes(),
@@ -161,6 +168,12 @@ class ClusterRoot:
                                                r["weights_bytes"], r["kv_cache_bytes"],
                                                r["rss_bytes"], r["load_s"], r.get("source", "file"),
                                                streamed))
+            if self.sync_mode == "mesh":
+                self._link_mesh()
+                self.sync = RootMeshSync(self.peers, cfg.dim, self.batch, self.wire)
+            else:
+                self.sync = RootSync(self.peers, cfg.dim, self.batch, self.wire)
+            transformer.sync = self.sync
             self.session = Session(transformer)
             return self.plan
         except BaseException:
@@ -168,6 +181,23 @@ class ClusterRoot:
                 conn.close()
             self.peers = []
             raise
+
+    def _link_mesh(self) -> None:
+        """Every worker links to every other (cluster/protocol.py, MESH) at the addresses
+        this root was given; each answers once its links stand."""
+        session = secrets.token_hex(16)
+        address = {w.node_id: w for w in self.workers}
+        peers = [{"index": i, "node_id": p.node_id, "auth_id": self._auth_ids[p.node_id],
+                  "host": address[p.node_id].host, "port": address[p.node_id].port}
+                 for i, p in enumerate(self.peers, 1)]
+        for i, peer in enumerate(self.peers, 1):
+            peer.conn.send_json(Kind.MESH, {"session": session, "index": i, "peers": peers})
+        for peer in self.peers:
+            answer = peer.conn.recv_json(Kind.MESH, f"MESH from {peer.node_id}",
+                                         timeout_s=self.timeout_s * (len(self.peers) + 1))
+            if answer.get("links") != len(self.peers):
+                raise ClusterError(f"node {peer.node_id} linked to {answer.get('links')} nodes, "
+                                   f"expected {len(self.peers)}")
 
     def _loaded(self, peer: Peer) -> dict:
         """The worker's LOADED, or its reasoned rejection of the slice (PlanRejected)."""

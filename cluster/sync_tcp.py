@@ -1,23 +1,34 @@
-"""The synchronizer over TCP: a star around the root.
+"""The synchronizer over TCP: an all-gather mesh (the default) or a star around the root.
 
-Per forward step the root sends FORWARD (the embedded input) to every worker; per layer
-each worker sends its PART of the attention output and of the FFN output, the root adds
-them in node order (cluster/wire.py) and sends the SUM back; at the end every worker
-sends its LOGITS rows. Receives are fixed-size, into buffers allocated once.
-Every failure is a ClusterError that names the node, the position, the layer and phase,
-and the cause.
+Per forward step the root sends FORWARD (the embedded input) to every worker; at the end
+every worker sends its LOGITS rows to the root. Per layer there are two all-reduces:
+
+  mesh  every node encodes its partial output once, sends the same PART frame to every
+        other node and adds all N partials in node order (cluster/wire.py's
+        sum_parts_into): one one-way trip per all-reduce, bit-identical sums everywhere.
+        The sends never block (two nodes sending large batches at each other would both
+        stall on full socket buffers): what does not fit is sent as the peer drains it,
+        while this node receives.
+  star  each worker sends its PART to the root, which adds them in node order and sends
+        the SUM back: a round trip through the root per all-reduce.
+
+Receives are fixed-size, into buffers allocated once. Every failure is a NodeFailure that
+names the node, the position, the layer and phase, and the cause.
 """
 from __future__ import annotations
 
+import select
+import socket
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from dllama_node.cluster.protocol import FORWARD_HEADER, Connection, Kind
-from dllama_node.cluster.wire import decode, encode
-from dllama_node.common.errors import ClusterError
+from dllama_node.cluster.protocol import (FORWARD_HEADER, HEADER, MAGIC, PROTOCOL_VERSION,
+                                          Connection, Kind)
+from dllama_node.cluster.wire import decode, encode, row_bytes, sum_parts_into
+from dllama_node.common.errors import ClusterError, ProtocolError
 from dllama_node.model import quants
 
 
@@ -65,25 +76,169 @@ class NodeFailure(ClusterError):
     """A peer failed during a forward step."""
 
     def __init__(self, message: str, node_id: str, position: int, layer: Optional[int],
-                 phase: str):
+                 phase: str, cause: str = ""):
         super().__init__(message)
         self.node_id, self.position, self.layer, self.phase = node_id, position, layer, phase
+        self.cause = cause or message
 
 
-class RootSync:
-    def __init__(self, peers: Sequence[Peer], dim: int, batch: int, wire: str):
+class MeshExchange:
+    """One node's all-gather of equal-sized PART frames over its links to every other node.
+
+    links: one Peer per node in node order, None at this node's own index. frames[i]
+    (HEADER.size + batch * row bytes, allocated once) holds what node i sent: this node
+    encodes into its own frame, the others' arrive in theirs; parts[i] is the (batch,
+    width) payload view of frames[i]. A failure raises _LinkFailure naming the node."""
+
+    def __init__(self, links: Sequence[Optional[Peer]], index: int, dim: int, batch: int,
+                 wire: str):
+        self.links, self.index, self.wire = list(links), index, wire
+        self.others = [(i, p) for i, p in enumerate(self.links) if p is not None]
+        self.row_bytes = row_bytes(dim, wire)
+        size = HEADER.size + batch * self.row_bytes
+        dtype, width = (np.float32, dim) if wire == "f32" else (np.uint8, self.row_bytes)
+        self.frames = [np.zeros(size, np.uint8) for _ in self.links]    # (header + payload,)
+        self.views = [memoryview(f) for f in self.frames]
+        self.parts = [np.ndarray((batch, width), dtype, buffer=f, offset=HEADER.size)
+                      for f in self.frames]                             # (batch, width)
+        self.scratch = np.zeros((batch, dim), np.float32)               # one decoded part
+        self.by_fd = {p.conn.sock.fileno(): (i, p) for i, p in self.others}
+        self.poller = select.poll()
+
+    def all_reduce(self, buf: np.ndarray, what: str) -> int:
+        """buf (n, dim) float32 <- the sum of every node's part in node order. Returns the
+        payload bytes of one frame."""
+        n = buf.shape[0]
+        length = n * self.row_bytes
+        own = self.parts[self.index][:n]
+        if self.wire == "f32":
+            own[...] = buf
+        else:
+            encode(buf, self.wire, own)
+        HEADER.pack_into(self.frames[self.index], 0, MAGIC, PROTOCOL_VERSION, int(Kind.PART),
+                         length)
+        self._exchange(HEADER.size + length, length, what)
+        sum_parts_into(buf, [part[:n] for part in self.parts], self.wire, self.scratch[:n])
+        return length
+
+    def _exchange(self, size: int, length: int, what: str) -> None:
+        out = self.views[self.index][:size]
+        sending: Dict[int, int] = {}          # node index -> bytes of our frame sent so far
+        for i, peer in self.others:
+            peer.conn.use_timeout(None)       # we poll ourselves: no poll inside Python's calls
+            sent = self._send(i, peer, out, 0, what)
+            if sent < size:
+                sending[i] = sent
+        got = {i: 0 for i, _ in self.others}  # node index -> bytes of its frame received
+        poller = self.poller
+        for fd, (i, _) in self.by_fd.items():
+            poller.register(fd, select.POLLIN | (select.POLLOUT if i in sending else 0))
+        try:
+            while got or sending:
+                timeout_s = min(p.conn.timeout_s for _, p in self.others)
+                events = poller.poll(1000 * timeout_s)
+                if not events:
+                    late = min(got) if got else min(sending)
+                    doing = "waiting for" if got else "sending"
+                    raise _LinkFailure(late, f"no answer in {timeout_s:.1f} s while {doing} "
+                                             f"PART of {what}")
+                for fd, event in events:
+                    i, peer = self.by_fd[fd]
+                    if i in sending and event & (select.POLLOUT | select.POLLERR
+                                                 | select.POLLHUP):
+                        sent = self._send(i, peer, out, sending[i], what)
+                        if sent < size:
+                            sending[i] = sent
+                        else:
+                            del sending[i]
+                    if i in got and event & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                        if self._receive(i, peer, got, size, length, what):
+                            del got[i]
+                    if i not in got and i not in sending:
+                        poller.unregister(fd)
+                    elif i not in sending:
+                        poller.modify(fd, select.POLLIN)
+        finally:
+            for fd, (i, _) in self.by_fd.items():
+                if i in got or i in sending:
+                    poller.unregister(fd)
+
+    def _send(self, i: int, peer: Peer, out: memoryview, sent: int, what: str) -> int:
+        try:
+            return sent + peer.conn.sock.send(out[sent:], socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return sent
+        except OSError as e:
+            raise _LinkFailure(i, f"connection lost while sending PART of {what} "
+                                  f"({e.strerror or e})") from None
+
+    def _receive(self, i: int, peer: Peer, got: Dict[int, int], size: int, length: int,
+                 what: str) -> bool:
+        """Read what node i has sent of its frame; True once the frame is whole."""
+        view, before = self.views[i], got[i]
+        try:
+            n = peer.conn.sock.recv_into(view[before:size], 0, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as e:
+            raise _LinkFailure(i, f"connection lost while waiting for PART of {what} "
+                                  f"({e.strerror or e})") from None
+        if n == 0:
+            raise _LinkFailure(i, f"connection closed while waiting for PART of {what} "
+                                  f"({before} of {size} bytes received)")
+        got[i] = before + n
+        if before < HEADER.size <= got[i]:
+            try:
+                kind, frame_length = peer.conn.check_header(view)
+            except ProtocolError as e:
+                raise _LinkFailure(i, str(e)) from None
+            if kind != Kind.PART or frame_length != length:
+                self._unexpected(i, peer, kind, frame_length, got[i], length, what)
+        return got[i] == size
+
+    def _unexpected(self, i: int, peer: Peer, kind: Kind, frame_length: int, got: int,
+                    length: int, what: str) -> None:
+        if kind != Kind.ERROR:
+            raise _LinkFailure(i, f"expected PART of {what} ({length} bytes), got "
+                                  f"{kind.name} ({frame_length} bytes)")
+        have = bytes(self.views[i][HEADER.size:got])[:frame_length]
+        try:
+            import json
+
+            rest = peer.conn.recv_bytes(frame_length - len(have), "ERROR")
+            report = json.loads(have + rest)
+        except (ClusterError, ValueError) as e:
+            raise _LinkFailure(i, f"sent an ERROR that could not be read ({e})") from None
+        blamed = report.get("failed_node") if isinstance(report, dict) else None
+        message = report.get("message") if isinstance(report, dict) else None
+        raise _LinkFailure(i, f"{message}", blamed_node=blamed)
+
+    def close(self) -> None:
+        for _, peer in self.others:
+            peer.conn.close()
+
+
+class _LinkFailure(ClusterError):
+    """Inside an exchange: the link to node `index` failed, or that node reported the
+    failure of `blamed_node`."""
+
+    def __init__(self, index: int, message: str, blamed_node: Optional[str] = None):
+        super().__init__(message)
+        self.index, self.blamed_node = index, blamed_node
+
+
+class _RootSide:
+    """The root's FORWARD and LOGITS, and how it names a failed worker (both topologies)."""
+
+    def __init__(self, peers: Sequence[Peer]):
         self.peers = list(peers)
-        self.dim, self.wire = dim, wire
-        self.parts = [_wire_buffer(batch, dim, wire) for _ in self.peers]
-        self.sum_wire = _wire_buffer(batch, dim, wire)
-        self.scratch = np.zeros((batch, dim), np.float32)     # a decoded part
         self.stats = SyncStats()
         self.start_pos = 0
-        self.full_logits: Optional[np.ndarray] = None
 
-    def _fail(self, peer: Peer, e: ClusterError, layer: Optional[int], phase: str):
+    def _fail(self, peer: Peer, e: ClusterError, layer: Optional[int], phase: str,
+              reported_by: Optional[Peer] = None):
         where = f"layer {layer} ({phase})" if layer is not None else phase
-        cause = str(e)
+        cause = str(e) + (f" (reported by node {reported_by.node_id})" if reported_by else "")
         if peer.process is not None:
             code = _exit_status(peer.process)
             if code:
@@ -100,31 +255,8 @@ class RootSync:
                 peer.conn.send(Kind.FORWARD, head, x)
             except ClusterError as e:
                 self._fail(peer, e, None, "sending the input")
-        self.stats.bytes_sent += len(self.peers) * (len(head) + x.nbytes)
+        self.stats.bytes_sent += len(self.peers) * (HEADER.size + len(head) + x.nbytes)
         self.stats.steps += 1
-        self.stats.sync_s += time.perf_counter() - t
-
-    def all_reduce(self, buf: np.ndarray, layer: int, phase: str) -> None:
-        t = time.perf_counter()
-        n = buf.shape[0]
-        for peer, part in zip(self.peers, self.parts):
-            view = part[:n]
-            try:
-                length = peer.conn.expect(Kind.PART, f"PART of layer {layer} {phase}")
-                peer.conn.recv_payload_into(view, length, f"PART of layer {layer} {phase}")
-            except ClusterError as e:
-                self._fail(peer, e, layer, phase)
-            buf += decode(view, self.wire, self.scratch[:n])
-            self.stats.bytes_received += view.nbytes
-        out = encode(buf, self.wire, self.sum_wire[:n] if self.wire != "f32" else None)
-        if self.wire != "f32":
-            decode(out, self.wire, buf)
-        for peer in self.peers:
-            try:
-                peer.conn.send(Kind.SUM, out)
-            except ClusterError as e:
-                self._fail(peer, e, layer, phase)
-        self.stats.bytes_sent += len(self.peers) * out.nbytes
         self.stats.sync_s += time.perf_counter() - t
 
     def gather_logits(self, local: np.ndarray) -> np.ndarray:
@@ -139,19 +271,80 @@ class RootSync:
             except ClusterError as e:
                 self._fail(peer, e, None, "gathering logits")
             parts.append(rows)
-            self.stats.bytes_received += rows.nbytes
+            self.stats.bytes_received += HEADER.size + rows.nbytes
         self.stats.sync_s += time.perf_counter() - t
         return np.concatenate(parts)
 
+    def close(self) -> None:
+        return None
+
+
+class RootMeshSync(_RootSide):
+    """The root as node 0 of the mesh: its links are its connections to the workers,
+    peers[k] being node k + 1."""
+
+    def __init__(self, peers: Sequence[Peer], dim: int, batch: int, wire: str):
+        super().__init__(peers)
+        self.mesh = MeshExchange([None] + self.peers, 0, dim, batch, wire)
+
+    def all_reduce(self, buf: np.ndarray, layer: int, phase: str) -> None:
+        t = time.perf_counter()
+        try:
+            length = self.mesh.all_reduce(buf, f"layer {layer} {phase}")
+        except _LinkFailure as e:
+            link = self.peers[e.index - 1]
+            blamed = [p for p in self.peers if p.node_id == e.blamed_node]
+            if blamed and blamed[0] is not link:
+                self._fail(blamed[0], e, layer, phase, reported_by=link)
+            self._fail(link, e, layer, phase)
+        self.stats.bytes_sent += len(self.peers) * (HEADER.size + length)
+        self.stats.bytes_received += len(self.peers) * (HEADER.size + length)
+        self.stats.sync_s += time.perf_counter() - t
+
+
+class RootSync(_RootSide):
+    """The root as the centre of the star: receive every PART, send back the SUM."""
+
+    def __init__(self, peers: Sequence[Peer], dim: int, batch: int, wire: str):
+        super().__init__(peers)
+        self.dim, self.wire = dim, wire
+        self.parts = [_wire_buffer(batch, dim, wire) for _ in self.peers]
+        self.sum_wire = _wire_buffer(batch, dim, wire)
+        self.scratch = np.zeros((batch, dim), np.float32)     # a decoded part
+
+    def all_reduce(self, buf: np.ndarray, layer: int, phase: str) -> None:
+        t = time.perf_counter()
+        n = buf.shape[0]
+        for peer, part in zip(self.peers, self.parts):
+            view = part[:n]
+            try:
+                length = peer.conn.expect(Kind.PART, f"PART of layer {layer} {phase}")
+                peer.conn.recv_payload_into(view, length, f"PART of layer {layer} {phase}")
+            except ClusterError as e:
+                self._fail(peer, e, layer, phase)
+            buf += decode(view, self.wire, self.scratch[:n])
+            self.stats.bytes_received += HEADER.size + view.nbytes
+        out = encode(buf, self.wire, self.sum_wire[:n] if self.wire != "f32" else None)
+        if self.wire != "f32":
+            decode(out, self.wire, buf)
+        for peer in self.peers:
+            try:
+                peer.conn.send(Kind.SUM, out)
+            except ClusterError as e:
+                self._fail(peer, e, layer, phase)
+        self.stats.bytes_sent += len(self.peers) * (HEADER.size + out.nbytes)
+        self.stats.sync_s += time.perf_counter() - t
+
 
 class WorkerSync:
-    """The worker's side: send PART, receive SUM; send LOGITS."""
+    """The worker's side of the star: send PART, receive SUM; send LOGITS."""
 
     def __init__(self, conn: Connection, dim: int, batch: int, wire: str):
         self.conn, self.dim, self.wire = conn, dim, wire
         self.part = _wire_buffer(batch, dim, wire)
         self.sum_wire = _wire_buffer(batch, dim, wire)
         self.stats = SyncStats()
+        self.start_pos = 0
 
     def start_forward(self, x, start_pos, logits) -> None:
         return None
@@ -165,16 +358,50 @@ class WorkerSync:
         length = self.conn.expect(Kind.SUM, f"SUM of layer {layer} {phase}")
         self.conn.recv_payload_into(view, length, f"SUM of layer {layer} {phase}")
         decode(view, self.wire, buf)
-        self.stats.bytes_sent += out.nbytes
-        self.stats.bytes_received += view.nbytes
+        self.stats.bytes_sent += HEADER.size + out.nbytes
+        self.stats.bytes_received += HEADER.size + view.nbytes
         self.stats.sync_s += time.perf_counter() - t
 
     def gather_logits(self, local: np.ndarray) -> np.ndarray:
         t = time.perf_counter()
         self.conn.send(Kind.LOGITS, np.ascontiguousarray(local, dtype=np.float32))
-        self.stats.bytes_sent += local.nbytes
+        self.stats.bytes_sent += HEADER.size + local.nbytes
         self.stats.sync_s += time.perf_counter() - t
         return local
+
+    def close(self) -> None:
+        return None
+
+
+class WorkerMeshSync(WorkerSync):
+    """A worker as node `index` of the mesh: links[0] is its root, the others the workers
+    it connected to or accepted (cluster/worker.py). A failed link raises NodeFailure
+    naming that node; the worker tells the root before it drops the session."""
+
+    def __init__(self, links: Sequence[Optional[Peer]], index: int, dim: int, batch: int,
+                 wire: str):
+        super().__init__(links[0].conn, dim, batch, wire)
+        self.mesh = MeshExchange(links, index, dim, batch, wire)
+
+    def all_reduce(self, buf: np.ndarray, layer: int, phase: str) -> None:
+        t = time.perf_counter()
+        try:
+            length = self.mesh.all_reduce(buf, f"layer {layer} {phase}")
+        except _LinkFailure as e:
+            peer = self.mesh.links[e.index]
+            raise NodeFailure(f"node {peer.node_id} failed at position {self.start_pos}, "
+                              f"layer {layer} ({phase}): {e}", peer.node_id, self.start_pos,
+                              layer, phase, cause=str(e)) from None
+        others = len(self.mesh.others)
+        self.stats.bytes_sent += others * (HEADER.size + length)
+        self.stats.bytes_received += others * (HEADER.size + length)
+        self.stats.sync_s += time.perf_counter() - t
+
+    def close(self) -> None:
+        """Close the links to the other workers (the root's connection is its owner's)."""
+        for i, peer in self.mesh.others:
+            if i != 0:
+                peer.conn.close()
 
 
 def _exit_status(process) -> str:

@@ -4,7 +4,9 @@ every forward step.
 Workers are brittle by design (piwheels' rule): anything wrong with the root's session
 -- the root vanished, a protocol error, a timeout -- drops that session, logs why, and
 goes back to waiting for a root. The loaded slice is kept, so a root that reconnects
-with the same assignment does not wait for a reload.
+with the same assignment does not wait for a reload. A worker that loses another worker
+of the mesh tells the root which one (ERROR with "failed_node") before it drops the
+session, so the root names the node that failed, not the one that noticed.
 
     python -m dllama_node.cluster.worker --listen 127.0.0.1:0 [--threads 1]
 
@@ -23,8 +25,9 @@ from typing import Optional
 
 from dllama_node.cluster.protocol import (FORWARD_HEADER, PROTOCOL_VERSION, Connection, Kind,
                                           DEFAULT_TIMEOUT_S)
-from dllama_node.cluster.auth import RESPONDER, AuthenticationError, Handshake, read_key
-from dllama_node.cluster.sync_tcp import WorkerSync
+from dllama_node.cluster.auth import (INITIATOR, RESPONDER, AuthenticationError, Handshake,
+                                      read_key)
+from dllama_node.cluster.sync_tcp import NodeFailure, Peer, WorkerMeshSync, WorkerSync
 from dllama_node.cluster.wire import check_wire
 from dllama_node.common.errors import ClusterError, DllamaError, ProtocolError
 from dllama_node.common.memory import current_rss_bytes
@@ -115,6 +118,8 @@ class Worker:
         self.listener = socket.create_server((host, port), reuse_port=False)
         self.address = "%s:%d" % self.listener.getsockname()[:2]
         self.loaded: Optional[LoadedSlice] = None
+        self.assignment: dict = {}
+        self.root_id = ""
 
     def serve_forever(self) -> None:
         while True:
@@ -122,6 +127,8 @@ class Worker:
             conn = Connection(sock, "%s:%d" % addr[:2], self.timeout_s)
             try:
                 self.session(conn)
+            except NodeFailure as e:
+                log.warning("dropping the session: %s", e)
             except (ProtocolError, AuthenticationError) as e:
                 log.warning("refused peer %s: %s", conn.peer, e)
             except ClusterError as e:
@@ -148,13 +155,23 @@ class Worker:
             raise AuthenticationError(f"peer {conn.peer} did not prove it holds this cluster's "
                                       f"key ({e})") from None
         hs.finish(auth)
-        log.info("root %s connected (node id %s)", conn.peer, hello.get("node_id"))
+        self.root_id = str(hello.get("node_id"))
+        log.info("root %s connected (node id %s)", conn.peer, self.root_id)
+        try:
+            self._serve(conn)
+        finally:
+            if self.loaded is not None:
+                self.loaded.transformer.sync.close()    # the links to other workers
+
+    def _serve(self, conn: Connection) -> None:
         while True:
             kind, length = conn.recv_header("the next request", timeout_s=None)
             if kind == Kind.ASSIGN:
                 self.assign(conn, conn._json(length, "ASSIGN"))
             elif kind == Kind.FORWARD:
                 self.forward(conn, length)
+            elif kind == Kind.MESH:
+                self.mesh(conn, conn._json(length, "MESH"))
             elif kind == Kind.STATS:
                 request = conn._json(length, "STATS")
                 stats = self.loaded.transformer.sync.stats if self.loaded else None
@@ -199,9 +216,10 @@ class Worker:
             self.loaded = load_assignment(a, conn, self.cache)
             if self.on_loaded is not None:
                 self.on_loaded(self.loaded.transformer)
-        else:
-            self.loaded.transformer.sync.conn = conn     # same slice, new root
         t = self.loaded.transformer
+        self.assignment = a
+        # the star until the root sends MESH; a new root gets a new synchronizer
+        t.sync = WorkerSync(conn, t.cfg.dim, t.batch, a["wire"])
         conn.send_json(Kind.LOADED, {
             "node_id": self.node_id, "source": self.loaded.source,
             "streamed_bytes": self.loaded.streamed_bytes, "weights_bytes": t.w.nbytes(),
@@ -220,9 +238,111 @@ class Worker:
         x = t.s.x[:n]
         conn.recv_payload_into(x, length - FORWARD_HEADER.size, "FORWARD input")
         t0 = time.perf_counter()
-        t.forward_embedded(n, start_pos, bool(want_logits))
+        t.sync.start_pos = start_pos
+        try:
+            t.forward_embedded(n, start_pos, bool(want_logits))
+        except NodeFailure as failure:
+            if failure.node_id != self.root_id:     # another worker: tell the root which
+                try:
+                    conn.send_json(Kind.ERROR, {
+                        "message": failure.cause, "failed_node": failure.node_id,
+                        "position": failure.position, "layer": failure.layer,
+                        "phase": failure.phase})
+                except ClusterError:
+                    pass
+            raise
         t.sync.stats.step_s += time.perf_counter() - t0
         t.sync.stats.steps += 1
+
+    # ---- the mesh ------------------------------------------------------------------
+    def mesh(self, conn: Connection, m: dict) -> None:
+        """Build this node's links to the other workers (cluster/protocol.py, MESH): connect
+        to those before it at the addresses the root was given, accept those after it on
+        this node's listener, each authenticated; then answer MESH. A failure is told to
+        the root (ERROR), which gives up this start."""
+        if self.loaded is None:
+            raise ProtocolError(f"node {conn.peer}: MESH before ASSIGN")
+        try:
+            index, session = int(m["index"]), str(m["session"])
+            peers = {int(p["index"]): p for p in m["peers"]}
+        except (KeyError, TypeError, ValueError) as e:
+            raise ProtocolError(f"node {conn.peer}: MESH without a valid {e}") from None
+        if index < 1 or peers.get(index, {}).get("auth_id") != self.node_id:
+            raise ProtocolError(f"node {conn.peer}: MESH gives this node ({self.node_id}) "
+                                f"index {index}, which names {peers.get(index)}")
+        links = [None] * (len(peers) + 1)
+        links[0] = Peer(self.root_id, conn)
+        try:
+            for j in sorted(peers):
+                if j < index:
+                    links[j] = self._connect_peer(peers[j], session, index)
+            self._accept_peers({j: p for j, p in peers.items() if j > index}, session, links)
+        except ClusterError as e:
+            for link in links[1:]:
+                if link is not None:
+                    link.conn.close()
+            log.error("node %s could not join the mesh: %s", self.node_id, e)
+            conn.send_json(Kind.ERROR, {"message": f"node {self.node_id} could not join the "
+                                                   f"mesh: {e}"})
+            return
+        t = self.loaded.transformer
+        t.sync.close()
+        t.sync = WorkerMeshSync(links, index, t.cfg.dim, t.batch, self.assignment["wire"])
+        log.info("mesh: node %d of %d, linked to %s", index, len(links),
+                 ", ".join(link.node_id for link in links if link is not None))
+        conn.send_json(Kind.MESH, {"links": len(links) - 1})
+
+    def _connect_peer(self, p: dict, session: str, index: int) -> Peer:
+        c = Connection.connect(p["host"], int(p["port"]), self.timeout_s)
+        try:
+            hs = Handshake(self.key, INITIATOR, self.cluster, self.node_id)
+            c.send_json(Kind.HELLO, {"version": PROTOCOL_VERSION, "mesh": session,
+                                     "index": index, **hs.offer()})
+            welcome = c.recv_json(Kind.WELCOME, "WELCOME")
+            if welcome.get("node_id") != p["auth_id"]:
+                raise AuthenticationError(f"{c.peer} answers as node {welcome.get('node_id')}, "
+                                          f"the root knows node {p['auth_id']} there")
+            c.send_json(Kind.AUTH, hs.confirm(welcome, c.peer))
+        except BaseException:
+            c.close()
+            raise
+        return Peer(p["node_id"], c)
+
+    def _accept_peers(self, expected: dict, session: str, links: list) -> None:
+        """Accept the workers after this one; anything else that connects meanwhile is
+        refused with a logged reason."""
+        deadline = time.monotonic() + self.timeout_s
+        while expected:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                names = ", ".join(f"{p['node_id']} ({p['host']}:{p['port']})"
+                                  for p in expected.values())
+                raise ClusterError(f"node {self.node_id}: no connection from {names} in "
+                                   f"{self.timeout_s:.1f} s")
+            self.listener.settimeout(remaining)
+            try:
+                sock, addr = self.listener.accept()
+            except socket.timeout:
+                continue
+            finally:
+                self.listener.settimeout(None)
+            c = Connection(sock, "%s:%d" % addr[:2], self.timeout_s)
+            try:
+                hello = c.recv_json(Kind.HELLO, "HELLO")
+                j = hello.get("index")
+                if (hello.get("mesh") != session or not isinstance(j, int) or j not in expected
+                        or hello.get("node_id") != expected[j]["auth_id"]):
+                    raise ProtocolError(f"peer {c.peer} (node {hello.get('node_id')}, index "
+                                        f"{j}) is not a node this mesh waits for")
+                hs = Handshake(self.key, RESPONDER, self.cluster, self.node_id)
+                c.send_json(Kind.WELCOME, {"version": PROTOCOL_VERSION, "pid": os.getpid(),
+                                           **hs.answer(hello, c.peer)})
+                hs.finish(c.recv_json(Kind.AUTH, "AUTH"))
+            except ClusterError as e:
+                log.warning("refused peer %s while building the mesh: %s", c.peer, e)
+                c.close()
+                continue
+            links[j] = Peer(expected.pop(j)["node_id"], c)
 
 
 def main(argv=None) -> None:

@@ -1,9 +1,11 @@
 """The wire formats: q8_0 decoding through strided views equals the numpy reference
-exactly, and the all-reduce arithmetic is the same for every node."""
+exactly, and the all-reduce arithmetic of both topologies (mesh, star) against an
+independent oracle built from model/quants.py."""
 import numpy as np
 import pytest
 
-from dllama_node.cluster.wire import check_wire, decode, encode, reduce_parts
+from dllama_node.cluster.wire import (check_sync, check_wire, decode, encode, reduce_parts,
+                                      row_bytes)
 from dllama_node.common.errors import UsageError
 from dllama_node.model import quants
 
@@ -21,15 +23,38 @@ def test_q8_0_decode_is_the_reference_bit_for_bit(n, dim):
     np.testing.assert_array_equal(out, ref)
 
 
-def test_reduce_adds_in_node_order_and_round_trips_the_sum():
-    rng = np.random.default_rng(1)
-    parts = [rng.normal(size=(2, 64)).astype(np.float32) for _ in range(3)]
-    exact = reduce_parts(parts, "f32")
+def _parts(n_nodes, n=2, dim=64, seed=1):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(n, dim)).astype(np.float32) for _ in range(n_nodes)]
+
+
+def test_star_adds_in_node_order_and_round_trips_the_sum():
+    parts = _parts(3)
+    exact = reduce_parts(parts, "f32", "star")
     np.testing.assert_allclose(exact, parts[0] + parts[1] + parts[2], rtol=1e-6)
-    q = reduce_parts(parts, "q8_0")
+    q = reduce_parts(parts, "q8_0", "star")
     assert np.abs(q - exact).max() < 0.05 * np.abs(exact).max()
     # what travels back is exactly what the root keeps
     np.testing.assert_array_equal(q, decode(encode(q, "q8_0"), "q8_0"))
+
+
+@pytest.mark.parametrize("n_nodes", [2, 3, 5])
+def test_mesh_sums_every_part_as_it_crossed_the_wire_in_node_order(n_nodes):
+    parts = _parts(n_nodes, n=3, dim=96, seed=n_nodes)
+    # the oracle: the reference quantizer and dequantizer, added left to right
+    crossed = [quants.dequantize_q8_0(quants.quantize_q8_0(p)).reshape(p.shape) for p in parts]
+    oracle = crossed[0].copy()
+    for c in crossed[1:]:
+        oracle = oracle + c
+    np.testing.assert_array_equal(reduce_parts(parts, "q8_0", "mesh"), oracle)
+    assert reduce_parts(parts, "q8_0").dtype == np.float32
+
+
+def test_mesh_and_star_are_the_same_bits_on_an_exact_wire():
+    parts = _parts(4, n=5, dim=40)
+    mesh, star = reduce_parts(parts, "f32", "mesh"), reduce_parts(parts, "f32", "star")
+    np.testing.assert_array_equal(mesh, star)
+    np.testing.assert_array_equal(mesh, ((parts[0] + parts[1]) + parts[2]) + parts[3])
 
 
 def test_wire_format_checks():
@@ -38,3 +63,7 @@ def test_wire_format_checks():
     with pytest.raises(UsageError, match="'f16'"):
         check_wire("f16", 64)
     assert check_wire("f32", 100) == "f32"
+    assert check_sync("mesh") == "mesh" and check_sync("star") == "star"
+    with pytest.raises(UsageError, match="'ring'"):
+        check_sync("ring")
+    assert row_bytes(2048, "q8_0") == 2176 and row_bytes(100, "f32") == 400
