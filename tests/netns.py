@@ -158,7 +158,12 @@ class NetnsBridge:
 
     # --- running things inside --------------------------------------------------------------------
 
-    def argv(self, i: int, argv: Sequence[str]) -> List[str]:
+    def argv(self, i: int, argv: Sequence[str], own_sys: bool = True) -> List[str]:
+        """argv run in node i's namespace. `ip netns exec` mounts a fresh /sys for the
+        namespace (no cgroup hierarchy in it); own_sys=False enters only the network
+        namespace (nsenter), so /sys/fs/cgroup stays visible to what runs there."""
+        if not own_sys:
+            return ["nsenter", f"--net=/run/netns/{self.ns(i)}", "--", *argv]
         return ["ip", "netns", "exec", self.ns(i), *argv]
 
     def run(self, i: int, argv: Sequence[str], timeout: float = 30.0,
@@ -168,8 +173,9 @@ class NetnsBridge:
         kwargs.setdefault("text", True)
         return subprocess.run(self.argv(i, argv), timeout=timeout, **kwargs)  # type: ignore
 
-    def popen(self, i: int, argv: Sequence[str], **kwargs: object) -> subprocess.Popen:
+    def popen(self, i: int, argv: Sequence[str], own_sys: bool = True,
+              **kwargs: object) -> subprocess.Popen:
         """Start argv in node i's namespace; killed on exit if still running."""
-        p = subprocess.Popen(self.argv(i, argv), **kwargs)  # type: ignore
+        p = subprocess.Popen(self.argv(i, argv, own_sys), **kwargs)  # type: ignore
         self._procs.append(p)
         return p
