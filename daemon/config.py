@@ -53,8 +53,21 @@ class DaemonConfig:
     wire: str = "q8_0"
     lock_memory: bool = True
     nice: int = -10
+    http_listen: str = "127.0.0.1:8080"     # the OpenAI-compatible API; "off": none
+    http_queue: int = 8                     # requests that may wait for the engine
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 3.0
+
+    @property
+    def http_host_port(self) -> Optional[Tuple[str, int]]:
+        """(host, port) of the HTTP API, or None when it is off."""
+        if self.http_listen.strip().lower() in ("", "off", "no", "none"):
+            return None
+        host, _, port = self.http_listen.rpartition(":")
+        try:
+            return host or "127.0.0.1", int(port)
+        except ValueError:
+            raise UsageError(f"http_listen {self.http_listen!r}: expected HOST:PORT or off") from None
 
     @property
     def listen_host_port(self) -> Tuple[str, int]:
@@ -141,4 +154,5 @@ def load_config(path: Optional[str] = None, env: Optional[Mapping[str, str]] = N
             values[name] = _convert(name, value, f"--{name.replace('_', '-')}")
     config = DaemonConfig(**values)
     config.listen_host_port  # validates
+    config.http_host_port
     return config

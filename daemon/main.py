@@ -63,6 +63,9 @@ def print_report(report: dict) -> None:
 @click.option("--tokenizer", default=None, metavar="PATH")
 @click.option("--listen", default=None, metavar="HOST:PORT", help="The cluster port (TCP and UDP).")
 @click.option("--control-socket", default=None, metavar="PATH", help="Where dllama-ctl connects.")
+@click.option("--http-listen", default=None, metavar="HOST:PORT|off",
+              help="The OpenAI-compatible HTTP API (default 127.0.0.1:8080; beyond loopback "
+                   "the cluster key is the bearer token).")
 @click.option("--state-dir", default=None, metavar="DIR")
 @click.option("--key-file", default=None, metavar="PATH", help="The cluster key.")
 @click.option("--static-peer", "static_peers", multiple=True, metavar="HOST:PORT",

@@ -69,6 +69,7 @@ class NodeService:
         self.probing: set = set()
         self.locked: Optional[bool] = None   # whether this node's slice is locked in RAM
         self.control_port = 0
+        self.http_port = 0
         self.last_exit = ""
 
     # ---- start-up ------------------------------------------------------------------
@@ -115,7 +116,8 @@ class NodeService:
                           speed=cap.speed,
                           models=(self.model_identity,) if self.model_identity else (),
                           coordinator_only=c.coordinator_only, never_root=c.never_root,
-                          control_port=self.control_port, state=_state_word(self.state),
+                          control_port=self.control_port, http_port=self.http_port,
+                          state=_state_word(self.state),
                           last_exit=self.last_exit)
 
     # ---- the loop ------------------------------------------------------------------
@@ -137,6 +139,7 @@ class NodeService:
         forward_server = ForwardServer(host, port + 1 if port else 0, self.key, c.cluster,
                                        c.node_id, self.ops.handlers())
         self.control_port = await forward_server.start()
+        api = await self._start_api()
         async with Discovery(self.advert(), dconf) as discovery:
             self.discovery = discovery
             await control.start()
@@ -162,8 +165,41 @@ class NodeService:
                 systemd.stopping("stopping")
                 await control.stop()
                 await forward_server.stop()
+                if api is not None:
+                    await api.stop()
                 await loop.run_in_executor(None, self._close_root)
                 self.run_record.finish()
+
+    async def _start_api(self):
+        """The OpenAI-compatible HTTP API on every node; it generates only on the root (the
+        others answer 503 naming the root, whose address the mDNS advert gives)."""
+        where = self.config.http_host_port
+        if where is None:
+            return None
+        from dllama_node.api.backend import EngineBackend, model_id_from_path
+        from dllama_node.api.server import ApiConfig, ApiServer
+        from dllama_node.ctl.runner import ClusterRunner
+
+        def runner():
+            root = self.root
+            return ClusterRunner(root) if root is not None and root.ready else None
+
+        def state():
+            if self.election.root_id and self.election.root_id != self.config.node_id:
+                return f"not the root: ask node {self.election.root_id}"
+            return "serving" if self.root is not None and self.root.ready else self.state
+        model_id = model_id_from_path(self.config.model) if self.config.model else "dllama"
+        backend = EngineBackend(runner, model_id, lock=self.busy, state=state)
+        api = ApiServer(backend, ApiConfig(host=where[0], port=where[1], key=self.key,
+                                           queue_size=self.config.http_queue))
+        try:
+            await api.start()
+        except OSError as e:
+            log.error("HTTP API not started on %s:%d: %s", where[0], where[1], e.strerror)
+            return None
+        self.http_port = api.port
+        log.info("HTTP API at %s", api.url)
+        return api
 
     def _set_state(self, state: str, detail: str = "") -> None:
         if state != self.state:

@@ -198,6 +198,18 @@ def test_daemons_in_namespaces_elect_plan_serve_and_survive_the_root(tmp_path):
             assert answer["tokens"] == expected
             assert c.generate(3)["tokens"] == expected      # n4, left out, still forwards
 
+            # --- the HTTP API: the root serves, a worker says who does; both advertised ----
+            health = ("import urllib.request, urllib.error\n"
+                      "try:\n  r = urllib.request.urlopen('http://127.0.0.1:8080/health', timeout=5)\n"
+                      "  print(r.status, r.read().decode())\n"
+                      "except urllib.error.HTTPError as e:\n  print(e.code, e.read().decode())\n")
+            out = net.run(root, [sys.executable, "-c", health]).stdout
+            assert out.startswith("200"), out
+            out = net.run(2, [sys.executable, "-c", health]).stdout
+            assert out.startswith("503") and f"ask node n{root + 1}" in out, out
+            peers = {p["node_id"]: p for p in c.status(2)["peers"]}
+            assert peers[f"n{root + 1}"]["http_port"] == 8080
+
             # --- SIGKILL the root -----------------------------------------------------------
             survivor = 1 - root
             old_term = status["term"]

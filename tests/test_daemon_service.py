@@ -65,11 +65,13 @@ def test_single_daemon_serves_and_stops_cleanly(tmp_path):
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
     ctl = str(tmp_path / "ctl.sock")
+    http_port = _free_port()
     env = dict(os.environ, NOTIFY_SOCKET=notify_path, WATCHDOG_USEC="2000000",
                WATCHDOG_PID="", DLLAMA_WIRE="f32")
     proc = subprocess.Popen([NODE, "--config", str(tmp_path / "none.conf"), "--node-id", "solo",
                              "--model", model, "--listen", f"127.0.0.1:{_free_port()}",
                              "--interface", "127.0.0.1", "--control-socket", ctl,
+                             "--http-listen", f"127.0.0.1:{http_port}",
                              "--state-dir", str(tmp_path / "state"), "--key-file", key],
                             env=env, stderr=open(tmp_path / "node.log", "w"))
     try:
@@ -85,6 +87,19 @@ def test_single_daemon_serves_and_stops_cleanly(tmp_path):
             s = Session(Transformer(load_weights(m), 512, 1, 64))
             expected = list(s.generate([1, 5, 9, 200], 12, Sampler(SamplerSettings(temperature=0))))
         assert final["tokens"] == expected
+        # the OpenAI-compatible API on the daemon, with the openai package as the client
+        import openai
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused")
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        done_text = client.completions.create(model="tiny", prompt=final["text"][:0] or "a",
+                                              max_tokens=5, temperature=0)
+        assert done_text.usage.completion_tokens == 5
+        pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=6,
+            temperature=0, stream=True)]
+        plain = client.chat.completions.create(model="tiny", messages=[{"role": "user",
+                                               "content": "hi"}], max_tokens=6, temperature=0)
+        assert "".join(pieces) == plain.choices[0].message.content
         bad = list(request(ctl, {"op": "nonsense"}))[-1]
         assert bad["exit_code"] == 2 and "bad request" in bad["error"]
         bad = list(request(ctl, {"op": "generate", "prompt_tokens": [1, 5],
