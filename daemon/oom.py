@@ -337,10 +337,17 @@ class Diagnosis:
     message: str
     fixes: Tuple[str, ...] = ()
     oom: Optional[OomKill] = None
+    phase: str = ""
+    memory: Optional["MemoryFacts"] = None
 
     def fields(self) -> dict:
-        """Journal fields for log_event."""
+        """Journal fields for log_event (PHASE, PLANNED_BYTES, AVAILABLE_BYTES when known)."""
         out = {"exit_kind": self.kind}
+        if self.phase:
+            out["phase"] = self.phase
+        if self.memory is not None:
+            out.update(planned_bytes=self.memory.planned_bytes,
+                       available_bytes=self.memory.available_bytes)
         if self.oom is not None:
             out.update(pid=self.oom.pid, anon_rss_bytes=self.oom.anon_rss_bytes, oom_scope=self.oom.scope,
                        oom_memcg=self.oom.memcg, cgroup_limit_bytes=self.oom.cgroup_limit_bytes)
@@ -402,6 +409,18 @@ class MemoryFacts:
 
 
 def diagnose_exit(node_id: str, pid: int, returncode: Optional[int], kills: Sequence[OomKill],
+                  memory: "MemoryFacts" = None, *, phase: str = "", fixes: Sequence[str] = (),
+                  kernel_log_error: Optional[str] = None) -> Diagnosis:
+    """Why process `pid` of node `node_id` ended (see _diagnose_exit), with the phase and
+    the memory facts kept for the journal's fields. Pure."""
+    from dataclasses import replace as _replace
+    memory = memory if memory is not None else MemoryFacts()
+    d = _diagnose_exit(node_id, pid, returncode, kills, memory, phase=phase, fixes=fixes,
+                       kernel_log_error=kernel_log_error)
+    return _replace(d, phase=phase, memory=memory)
+
+
+def _diagnose_exit(node_id: str, pid: int, returncode: Optional[int], kills: Sequence[OomKill],
                   memory: MemoryFacts = MemoryFacts(), *, phase: str = "", fixes: Sequence[str] = (),
                   kernel_log_error: Optional[str] = None) -> Diagnosis:
     """Why process `pid` of node `node_id` ended. Pure.
