@@ -27,7 +27,7 @@ import numpy as np
 
 from dllama_node.cluster.protocol import (FORWARD_HEADER, HEADER, MAGIC, PROTOCOL_VERSION,
                                           Connection, Kind)
-from dllama_node.cluster.wire import decode, encode, row_bytes, sum_parts_into
+from dllama_node.cluster.wire import decode, encode, row_bytes, sum_parts_q8_0_kernel
 from dllama_node.common.errors import ClusterError, ProtocolError
 from dllama_node.model import quants
 
@@ -87,21 +87,29 @@ class MeshExchange:
 
     links: one Peer per node in node order, None at this node's own index. frames[i]
     (HEADER.size + batch * row bytes, allocated once) holds what node i sent: this node
-    encodes into its own frame, the others' arrive in theirs; parts[i] is the (batch,
-    width) payload view of frames[i]. A failure raises _LinkFailure naming the node."""
+    encodes into its own frame, the others' arrive in theirs; parts[i] is its payload.
+    The sum decodes all N parts and adds them in node order in one kernel call (q8_0) or
+    numpy adds (f32): the arithmetic of cluster/wire.py's sum_parts_into, with no
+    allocation per call. A failure raises _LinkFailure naming the node."""
 
     def __init__(self, links: Sequence[Optional[Peer]], index: int, dim: int, batch: int,
                  wire: str):
         self.links, self.index, self.wire = list(links), index, wire
         self.others = [(i, p) for i, p in enumerate(self.links) if p is not None]
+        n_nodes = len(self.links)
         self.row_bytes = row_bytes(dim, wire)
         size = HEADER.size + batch * self.row_bytes
-        dtype, width = (np.float32, dim) if wire == "f32" else (np.uint8, self.row_bytes)
-        self.frames = [np.zeros(size, np.uint8) for _ in self.links]    # (header + payload,)
+        self.frames = np.zeros((n_nodes, size), np.uint8)             # (n_nodes, header + payload)
         self.views = [memoryview(f) for f in self.frames]
-        self.parts = [np.ndarray((batch, width), dtype, buffer=f, offset=HEADER.size)
-                      for f in self.frames]                             # (batch, width)
-        self.scratch = np.zeros((batch, dim), np.float32)               # one decoded part
+        if wire == "f32":                                             # (n_nodes, batch, dim)
+            self.parts = np.ndarray((n_nodes, batch, dim), np.float32, buffer=self.frames,
+                                    offset=HEADER.size, strides=(size, 4 * dim, 4))
+        else:                                                         # (n_nodes, batch, width)
+            self.parts = np.ndarray((n_nodes, batch, self.row_bytes), np.uint8,
+                                    buffer=self.frames, offset=HEADER.size,
+                                    strides=(size, self.row_bytes, 1))
+            self.sum_q8_0 = sum_parts_q8_0_kernel()
+        self.header_length = -1
         self.by_fd = {p.conn.sock.fileno(): (i, p) for i, p in self.others}
         self.poller = select.poll()
 
@@ -110,15 +118,25 @@ class MeshExchange:
         payload bytes of one frame."""
         n = buf.shape[0]
         length = n * self.row_bytes
-        own = self.parts[self.index][:n]
+        own = self.parts[self.index, :n]
         if self.wire == "f32":
             own[...] = buf
         else:
             encode(buf, self.wire, own)
-        HEADER.pack_into(self.frames[self.index], 0, MAGIC, PROTOCOL_VERSION, int(Kind.PART),
-                         length)
+        if length != self.header_length:      # the header changes with n alone
+            HEADER.pack_into(self.frames[self.index], 0, MAGIC, PROTOCOL_VERSION,
+                             int(Kind.PART), length)
+            self.header_length = length
         self._exchange(HEADER.size + length, length, what)
-        sum_parts_into(buf, [part[:n] for part in self.parts], self.wire, self.scratch[:n])
+        parts = self.parts[:, :n]
+        if self.wire != "f32":
+            self.sum_q8_0(parts, buf)
+        elif len(parts) == 1:
+            np.copyto(buf, parts[0])
+        else:
+            np.add(parts[0], parts[1], out=buf)
+            for part in parts[2:]:
+                buf += part
         return length
 
     def _exchange(self, size: int, length: int, what: str) -> None:
@@ -135,13 +153,12 @@ class MeshExchange:
             poller.register(fd, select.POLLIN | (select.POLLOUT if i in sending else 0))
         try:
             while got or sending:
-                timeout_s = min(p.conn.timeout_s for _, p in self.others)
-                events = poller.poll(1000 * timeout_s)
+                events = poller.poll(1000 * self.timeout_s)
                 if not events:
                     late = min(got) if got else min(sending)
                     doing = "waiting for" if got else "sending"
-                    raise _LinkFailure(late, f"no answer in {timeout_s:.1f} s while {doing} "
-                                             f"PART of {what}")
+                    raise _LinkFailure(late, f"no answer in {self.timeout_s:.1f} s while "
+                                             f"{doing} PART of {what}")
                 for fd, event in events:
                     i, peer = self.by_fd[fd]
                     if i in sending and event & (select.POLLOUT | select.POLLERR
@@ -152,7 +169,7 @@ class MeshExchange:
                         else:
                             del sending[i]
                     if i in got and event & (select.POLLIN | select.POLLHUP | select.POLLERR):
-                        if self._receive(i, peer, got, size, length, what):
+                        if self._receive(i, peer, got, size, out, what):
                             del got[i]
                     if i not in got and i not in sending:
                         poller.unregister(fd)
@@ -163,6 +180,10 @@ class MeshExchange:
                 if i in got or i in sending:
                     poller.unregister(fd)
 
+    @property
+    def timeout_s(self) -> float:
+        return min(p.conn.timeout_s for _, p in self.others)
+
     def _send(self, i: int, peer: Peer, out: memoryview, sent: int, what: str) -> int:
         try:
             return sent + peer.conn.sock.send(out[sent:], socket.MSG_DONTWAIT)
@@ -172,9 +193,10 @@ class MeshExchange:
             raise _LinkFailure(i, f"connection lost while sending PART of {what} "
                                   f"({e.strerror or e})") from None
 
-    def _receive(self, i: int, peer: Peer, got: Dict[int, int], size: int, length: int,
+    def _receive(self, i: int, peer: Peer, got: Dict[int, int], size: int, out: memoryview,
                  what: str) -> bool:
-        """Read what node i has sent of its frame; True once the frame is whole."""
+        """Read what node i has sent of its frame; True once the frame is whole. Its header
+        must be ours byte for byte: a PART of the same length."""
         view, before = self.views[i], got[i]
         try:
             n = peer.conn.sock.recv_into(view[before:size], 0, socket.MSG_DONTWAIT)
@@ -187,13 +209,12 @@ class MeshExchange:
             raise _LinkFailure(i, f"connection closed while waiting for PART of {what} "
                                   f"({before} of {size} bytes received)")
         got[i] = before + n
-        if before < HEADER.size <= got[i]:
+        if before < HEADER.size <= got[i] and view[:HEADER.size] != out[:HEADER.size]:
             try:
                 kind, frame_length = peer.conn.check_header(view)
             except ProtocolError as e:
                 raise _LinkFailure(i, str(e)) from None
-            if kind != Kind.PART or frame_length != length:
-                self._unexpected(i, peer, kind, frame_length, got[i], length, what)
+            self._unexpected(i, peer, kind, frame_length, got[i], size - HEADER.size, what)
         return got[i] == size
 
     def _unexpected(self, i: int, peer: Peer, kind: Kind, frame_length: int, got: int,

@@ -446,6 +446,46 @@ def attention(q, k_cache, v_cache, int64_t start_pos, int64_t head_dim, int64_t 
         free(scratch)
 
 
+# ---------------------------------------------------------------- the mesh all-reduce's sum
+
+cdef extern from "wire_sum.h":
+    void dl_sum_parts_q8_0(const uint8_t *x, int64_t ld_part, int64_t ld_row,
+                           int64_t n_parts, int64_t n, int64_t dim, float *out,
+                           int64_t ldo) noexcept nogil
+
+
+def sum_parts_q8_0(parts, out):
+    """parts uint8 (n_parts, n, dim // 32 * 34): q8_0 rows of n_parts partial outputs
+    (any non-negative strides on the first two axes, the last contiguous) -> out float32
+    (n, dim) = the decoded parts added in part order, every product and sum rounded to
+    float on its own: the bits of cluster/wire.py's sum_parts_into on every CPU."""
+    if not isinstance(parts, np.ndarray) or parts.dtype != _U8 or parts.ndim != 3:
+        raise ValueError(f"sum_parts_q8_0: parts must be a uint8 array of 3 dimensions, "
+                         f"found {getattr(parts, 'dtype', type(parts).__name__)} "
+                         f"{getattr(parts, 'shape', '')}")
+    _check_array("sum_parts_q8_0", "out", out, _F32, 2, writable=True)
+    cdef int64_t n_parts = parts.shape[0], n = parts.shape[1], width = parts.shape[2]
+    if width % Q8_0_BYTES:
+        raise ValueError(f"sum_parts_q8_0: parts have {width} bytes per row, expected "
+                         f"q8_0 blocks: a multiple of {Q8_0_BYTES}")
+    cdef int64_t dim = width // Q8_0_BYTES * QK
+    if out.shape[0] != n or out.shape[1] != dim:
+        raise ValueError(f"sum_parts_q8_0: out has shape {out.shape}, expected ({n}, {dim}) "
+                         f"for parts of shape {parts.shape}")
+    if n_parts < 1:
+        raise ValueError("sum_parts_q8_0: parts holds no part, expected 1 or more")
+    if n == 0 or dim == 0:
+        return
+    if (width > 1 and parts.strides[2] != 1) or parts.strides[0] < 0 or parts.strides[1] < 0:
+        raise ValueError(f"sum_parts_q8_0: parts have strides {parts.strides}, expected "
+                         f"non-negative ones and a contiguous last axis")
+    cdef const uint8_t[:, :, :] pv = parts
+    cdef float[:, :] ov = out
+    cdef int64_t ld_part = parts.strides[0], ld_row = parts.strides[1], ldo = _ld(out)
+    with nogil:
+        dl_sum_parts_q8_0(&pv[0, 0, 0], ld_part, ld_row, n_parts, n, dim, &ov[0, 0], ldo)
+
+
 # ---------------------------------------------------------------- import-time choice
 
 def _path_from_env():

@@ -653,3 +653,62 @@ def test_the_compiled_api_has_the_reference_signatures():
         got = inspect.signature(getattr(K, name))
         assert [(p.name, p.default) for p in got.parameters.values()] == \
             [(p.name, p.default) for p in want.parameters.values()], name
+
+
+# ---------------------------------------------------------------- sum_parts_q8_0
+
+def _q8_0_parts(n_parts, n, dim, seed):
+    """n_parts q8_0 encodings of (n, dim) rows spanning many magnitudes, with a zero
+    block and blocks whose f16 scale is subnormal."""
+    rng = rng_for("sum", seed, n_parts, n, dim)
+    parts = []
+    for p in range(n_parts):
+        scale = np.float32(10.0 ** rng.uniform(-3, 3))
+        x = rng.standard_normal((n, dim)).astype(np.float32) * scale
+        x[0, :32] = 0
+        if dim >= 64:                              # d about 2e-6: a subnormal f16
+            x[-1, 32:64] = rng.standard_normal(32).astype(np.float32) * np.float32(1e-4)
+        q = quants.quantize_q8_0(x).reshape(n, dim // 32 * 34)
+        if dim >= 64:
+            d = q[-1, 34:36].copy().view(np.float16)[0]
+            assert 0 < d < np.finfo(np.float16).tiny
+        parts.append(q)
+    return parts
+
+
+@pytest.mark.parametrize("n_parts,n,dim", [(1, 1, 32), (2, 1, 2048), (3, 4, 96), (5, 2, 64),
+                                           (4, 7, 4160)])
+def test_sum_parts_q8_0_is_the_numpy_sum_in_part_order_bit_for_bit(n_parts, n, dim):
+    from dllama_node.kernels import _kernels
+
+    parts = _q8_0_parts(n_parts, n, dim, "exact")
+    # the oracle: the reference dequantizer, parts added left to right in float32
+    want = quants.dequantize_q8_0(parts[0]).reshape(n, dim).astype(np.float32)
+    for p in parts[1:]:
+        want = want + quants.dequantize_q8_0(p).reshape(n, dim).astype(np.float32)
+    # laid out as the mesh holds them: one frame per part, a 16-byte header before the rows
+    width = dim // 32 * 34
+    frames = np.zeros((n_parts, 16 + (n + 2) * width), np.uint8)
+    view = np.ndarray((n_parts, n, width), np.uint8, buffer=frames, offset=16,
+                      strides=(frames.shape[1], width, 1))
+    view[...] = np.stack(parts)
+    out_wide = np.full((n, dim + 8), np.nan, np.float32)
+    out = out_wide[:, 4:4 + dim]                    # rows dim + 8 floats apart
+    _kernels.sum_parts_q8_0(view, out)
+    np.testing.assert_array_equal(out, want)
+    assert np.isnan(out_wide[:, :4]).all() and np.isnan(out_wide[:, -4:]).all()
+
+
+def test_sum_parts_q8_0_bad_arguments():
+    from dllama_node.kernels import _kernels
+
+    parts = np.zeros((2, 3, 68), np.uint8)
+    with pytest.raises(ValueError, match=r"out has shape \(3, 32\), expected \(3, 64\)"):
+        _kernels.sum_parts_q8_0(parts, np.zeros((3, 32), np.float32))
+    with pytest.raises(ValueError, match="67 bytes per row"):
+        _kernels.sum_parts_q8_0(np.zeros((2, 3, 67), np.uint8), np.zeros((3, 64), np.float32))
+    with pytest.raises(ValueError, match="uint8 array of 3 dimensions"):
+        _kernels.sum_parts_q8_0(parts[0], np.zeros((3, 64), np.float32))
+    with pytest.raises(ValueError, match="contiguous last axis"):
+        _kernels.sum_parts_q8_0(np.zeros((2, 3, 136), np.uint8)[:, :, ::2],
+                                np.zeros((3, 64), np.float32))
