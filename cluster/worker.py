@@ -38,6 +38,8 @@ log = logging.getLogger("dllama_node.worker")
 class LoadedSlice:
     """What an ASSIGN produced: kept across sessions while the assignment is the same."""
 
+    rss_before = 0           # the process's RSS before this slice loaded
+
     def __init__(self, key: str, model, transformer, load_s: float):
         self.key, self.model, self.transformer, self.load_s = key, model, transformer, load_s
 
@@ -105,12 +107,13 @@ def load_assignment(a: dict, conn: Connection, cache) -> LoadedSlice:
 class Worker:
     def __init__(self, host: str, port: int, node_id: str, key: bytes, cluster: str = "default",
                  timeout_s: float = DEFAULT_TIMEOUT_S, state_dir: Optional[str] = None,
-                 on_loaded=None):
+                 on_loaded=None, on_assigned=None):
         from dllama_node.cluster.slice_cache import SliceCache
 
         self.node_id = node_id
         self.key, self.cluster = key, cluster
         self.on_loaded = on_loaded       # e.g. lock the slice in RAM
+        self.on_assigned = on_assigned   # on_assigned(assignment): accepted, about to load
         self.state_dir = state_dir or os.path.join(
             os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dllama-node")
         self.cache = SliceCache(os.path.join(self.state_dir, "slices"))
@@ -193,7 +196,11 @@ class Worker:
         needed = int(a.get("planned_bytes") or 0)
         if not needed or (self.loaded is not None and self.loaded.key == key):
             return True
-        freed = self.loaded.transformer.w.nbytes() if self.loaded is not None else 0
+        freed = 0        # what dropping the slice held now gives back: its resident part
+        if self.loaded is not None:
+            t = self.loaded.transformer
+            freed = max(0, min(t.w.nbytes() + t.cache.nbytes,
+                               current_rss_bytes() - self.loaded.rss_before))
         available = read_memory().available_bytes + freed
         if needed <= available:
             return True
@@ -208,14 +215,18 @@ class Worker:
         key = _assignment_key(a)
         if not self._recheck(conn, a, key):
             return
+        if self.on_assigned is not None:
+            self.on_assigned(a)
         if self.loaded is None or self.loaded.key != key:
             if self.loaded is not None:
                 self.loaded.close()
                 self.loaded = None
             log.info("loading slice %s of %s", a["slice"], a["model_path"])
+            rss_before = current_rss_bytes()
             self.loaded = load_assignment(a, conn, self.cache)
             if self.on_loaded is not None:
                 self.on_loaded(self.loaded.transformer)
+            self.loaded.rss_before = rss_before
         t = self.loaded.transformer
         self.assignment = a
         # the star until the root sends MESH; a new root gets a new synchronizer

@@ -10,6 +10,7 @@ the ones that need the root (generate, plan, models, the cluster's status) there
     plan     -> a dry run: the plan for a model (this node's, or "model") and max_seq_len over
                 the nodes present now, with its table
     ping     -> {"node_id"}: checks that a peer holds the cluster key (the handshake did that)
+    report   -> how this node's previous run ended (kind, message, fixes, journal fields)
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class ControlOps:
 
     def handlers(self) -> dict:
         return {"status": self.status, "generate": self.generate, "models": self.models,
-                "plan": self.plan, "ping": self.ping}
+                "plan": self.plan, "ping": self.ping, "report": self.report}
 
     # ---- routing ---------------------------------------------------------------------
     def _is_root(self) -> bool:
@@ -69,6 +70,14 @@ class ControlOps:
     # ---- ops ---------------------------------------------------------------------------
     async def ping(self, request: dict, emit) -> dict:
         return {"node_id": self.s.config.node_id, "state": self.s.state}
+
+    async def report(self, request: dict, emit) -> dict:
+        """How this node's previous run ended (daemon/oom.py's diagnosis), when badly."""
+        d = getattr(self.s, "diagnosis", None)
+        if d is None:
+            return {"node_id": self.s.config.node_id, "kind": None}
+        return {"node_id": self.s.config.node_id, "kind": d.kind, "message": d.message,
+                "fixes": list(d.fixes), "phase": d.phase, "fields": d.fields()}
 
     async def status(self, request: dict, emit) -> dict:
         s = self.s

@@ -33,6 +33,7 @@ from dllama_node.daemon.oom import start_run
 from dllama_node.daemon.resources import lock_memory, raise_priority
 from dllama_node.discovery.service import Discovery, DiscoveryConfig
 from dllama_node.discovery.txt import LAST_EXIT_MAX_BYTES, NodeAdvert
+from dllama_node.engine.kv_cache import KVCache
 from dllama_node.plan import NodeCapacity, format_plan
 
 log = logging.getLogger("dllama_node.node")
@@ -77,6 +78,7 @@ class NodeService:
         c = self.config
         os.makedirs(c.state_dir, exist_ok=True)
         self.run_record, diagnosis = start_run(c.state_dir, c.node_id)
+        self.diagnosis = diagnosis
         if diagnosis is not None:         # start_run logged it; peers learn it from the advert
             self.last_exit = last_exit_text(diagnosis.kind, diagnosis.message, LAST_EXIT_MAX_BYTES)
         self.key = read_key(c.key_file)
@@ -92,10 +94,23 @@ class NodeService:
         log.info("priority: %s", prio.to_dict())
         host, port = c.listen_host_port
         self.worker = Worker(host, port, c.node_id, self.key, c.cluster,
-                             state_dir=c.state_dir, on_loaded=self._lock_slice)
+                             state_dir=c.state_dir, on_loaded=self._lock_slice,
+                             on_assigned=self._assigned)
         self.port = port or int(self.worker.address.rpartition(":")[2])
 
+    def _assigned(self, a: dict) -> None:
+        """A root gave this node a slice: the run record says so (a later OOM kill is then
+        reported with what the slice needed and what a shorter context would save)."""
+        cfg = a.get("config") or {}
+        kv_dim = (a["slice"]["kv_heads"][1] - a["slice"]["kv_heads"][0]) * int(cfg.get("head_dim", 0))
+        self.run_record.update(phase="loading", planned_bytes=int(a.get("planned_bytes") or 0),
+                               available_bytes=self.capacity.available_ram_bytes,
+                               max_seq_len=int(a.get("seq_len") or 0),
+                               kv_bytes_per_token=2 * int(cfg.get("n_layers", 0)) * kv_dim
+                               * KVCache.BYTES_PER_VALUE)
+
     def _lock_slice(self, transformer) -> None:
+        self.run_record.update(phase="serving")
         if not self.config.lock_memory:
             return
         arrays = [transformer.cache.data]
@@ -291,8 +306,27 @@ class NodeService:
                                   planned_bytes=v.planned_bytes)
         for r in changes.returned:
             if old_root == me:
-                journal.log_event("oom_diagnosis" if r.oom_killed else "previous_exit",
-                                  r.message(), node=r.advert.node_id, reported_by=me)
+                asyncio.get_running_loop().create_task(self._journal_return(r))
+
+    async def _journal_return(self, r) -> None:
+        """A node came back after a bad exit: ask it for its whole report (the advert holds
+        a shortened one) and journal it here, on the root, with its fields."""
+        a = r.advert
+        message, fields = r.message(), {}
+        try:
+            report = await forward(a.address, a.control_port, self.key, self.config.cluster,
+                                   self.config.node_id, {"op": "report"},
+                                   _ignore, timeout_s=10)
+            if report.get("message"):
+                message = f"node {a.node_id} is back; its previous run: {report['message']}"
+                fields = {k: v for k, v in (report.get("fields") or {}).items()
+                          if isinstance(v, (int, str)) and k != "phase"}
+                if report.get("phase"):
+                    fields["previous_phase"] = report["phase"]
+        except DllamaError as e:
+            log.info("node %s did not send its report (%s); journaling its advert's", a.node_id, e)
+        journal.log_event("oom_diagnosis" if r.oom_killed else "previous_exit", message,
+                          node=a.node_id, reported_by=self.config.node_id, **fields)
 
     async def _tick(self) -> None:
         now = time.monotonic()
@@ -409,3 +443,7 @@ def _state_word(state: str) -> str:
     """The advertised state: one lowercase word (the TXT record keeps it short)."""
     import re
     return re.sub(r"[^a-z]", "", state.lower())[:20]
+
+
+async def _ignore(line: dict) -> None:
+    pass

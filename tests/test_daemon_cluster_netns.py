@@ -85,7 +85,8 @@ class Cluster:
     def log(self, i: int) -> str:
         return os.path.join(self.work, f"n{i + 1}.log")
 
-    def start(self, i: int, *, model: bool = True, key: str = None, cgroup: str = None):
+    def start(self, i: int, *, model: bool = True, key: str = None, cgroup: str = None,
+              lock: bool = False):
         argv = [NODE, "--config", "/nonexistent.conf", "--node-id", f"n{i + 1}",
                 "--listen", f"{self.net.ip(i)}:7321", "--control-socket", self.sock(i),
                 "--state-dir", os.path.join(self.work, f"state{i}"),
@@ -96,7 +97,10 @@ class Cluster:
             if cgroup:
                 with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
                     f.write(str(os.getpid()))
-        env = dict(os.environ, DLLAMA_WIRE="f32", DLLAMA_LOCK_MEMORY="no", DLLAMA_NICE="0")
+                with open("/proc/self/oom_score_adj", "w") as f:
+                    f.write("1000")      # the OOM killer's first choice (the unit says 500)
+        env = dict(os.environ, DLLAMA_WIRE="f32", DLLAMA_LOCK_MEMORY="yes" if lock else "no",
+                   DLLAMA_NICE="0")
         self.procs[i] = self.net.popen(i, argv, env=env, stdout=subprocess.DEVNULL,
                                        stderr=open(self.log(i), "a"), preexec_fn=enter_cgroup,
                                        own_sys=False)     # the daemon reads its cgroup's limit
@@ -164,7 +168,7 @@ def test_daemons_in_namespaces_elect_plan_serve_and_survive_the_root(tmp_path):
             c = Cluster(net, work, model, key)
             c.start(0)
             c.start(1)
-            c.start(2, cgroup=small)
+            c.start(2, cgroup=small, lock=True)     # its KV cache locked: really resident
             c.start(3, model=False, cgroup=tiny)
             c.start(4, key=wrong_key)
 
@@ -239,6 +243,34 @@ def test_daemons_in_namespaces_elect_plan_serve_and_survive_the_root(tmp_path):
                         if f"node n{root + 1} is back" in ln)
             assert "without a clean exit" in line or "SIGKILL" in line, line
             assert new["term"] > old_term
+
+            # --- n3 OOM-killed for real in its cgroup; back, it says so, the root journals it
+            c.wait(_serving_root(c, [survivor]), "the root serving again", 60)
+            c.wait(lambda: "locked" in c.journal(2).rsplit("loading slice", 1)[-1],
+                   "n3 to lock its slice")
+            balloon = subprocess.Popen(
+                [sys.executable, "-c", "import time\nchunks = []\nwhile True:\n"
+                 "    chunks.append(bytearray(16 << 20)); time.sleep(0.01)"],
+                preexec_fn=lambda: open(os.path.join(small, "cgroup.procs"), "w").write(
+                    str(os.getpid())))
+            try:
+                assert c.procs[2].wait(timeout=60) == -signal.SIGKILL
+            finally:
+                balloon.kill()
+                balloon.wait()
+            c.wait(lambda: re.search(r"node n3 \(10\.213\.9\.3\) vanished while serving: it last "
+                                     r"reported .* available.*; its slice needed [\d.]+ [GM]iB",
+                                     c.journal(survivor)), "the root to journal n3's vanishing", 15)
+            c.start(2, cgroup=small, lock=True)
+            c.wait(lambda: "node n3 is back; its previous run: node n3 was OOM-killed"
+                   in c.journal(survivor), "the root to journal n3's OOM kill", 30)
+            line = next(ln for ln in c.journal(survivor).splitlines()
+                        if "node n3 is back; its previous run" in ln)
+            assert "memory cgroup limit" in line and "anon-rss" in line, line
+            assert "while serving" in line and "its plan needed" in line, line
+            assert "the plan fit, so something else took the memory" in line, line
+            assert "PLANNED_BYTES=" in line and "AVAILABLE_BYTES=" in line, line
+            assert "EVENT=oom_diagnosis" in line and "NODE=n3" in line, line
     finally:
         _remove_cgroup(small)
         _remove_cgroup(tiny)
