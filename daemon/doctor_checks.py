@@ -14,8 +14,8 @@ since it; older ones are a WARN.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 from dllama_node.common import errors
 from dllama_node.common.units import format_bytes
