@@ -2,9 +2,11 @@
 against mesh (every node to every node).
 
     .venv/bin/python bench/compare_sync.py [--model PATH] [--nodes 2] [--threads 1]
-        [--prompt-tokens 128] [--gen-tokens 128] [--wire q8_0] [--rounds 2] [--json]
+        [--prompt-tokens 128] [--gen-tokens 128] [--wire q8_0] [--rounds 2]
+        [--spin-us 0,200] [--json]
 
-For each round it starts a local cluster per topology (star first, then mesh), evaluates
+For each round it starts a local cluster per topology (star first, then mesh, once per
+--spin-us value: how long a mesh node polls before it sleeps), evaluates
 a prompt of random ids, resets the counters and decodes greedily, measuring as
 `dllama-ctl bench --nodes N --json` does: sync ms/token is the wall time of a decode
 step less the slowest node's own compute. Also prints decode tok/s, the root's wait,
@@ -30,15 +32,14 @@ from dllama_node.engine.sampler import Sampler, SamplerSettings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL = os.path.join(ROOT, ".cache", "tinyllama-1.1b-q4_0.gguf")
-MODES = ("star", "mesh")
 
 
 def measure(model: str, nodes: int, threads: int, prompt_tokens: int, gen_tokens: int,
-            wire: str, sync: str) -> dict:
+            wire: str, sync: str, spin_us: int = 0) -> dict:
     """One local cluster with `sync`: the figures of `dllama-ctl bench --json`."""
     greedy = Sampler(SamplerSettings(temperature=0))
     with LocalCluster(model, nodes, threads, wire, prompt_tokens + gen_tokens + 1,
-                      load_tokenizer=False, sync=sync) as root:
+                      load_tokenizer=False, sync=sync, spin_us=spin_us) as root:
         root.start()
         vocab = root.session.transformer.cfg.vocab_size
         rng = np.random.default_rng(0)
@@ -54,7 +55,7 @@ def measure(model: str, nodes: int, threads: int, prompt_tokens: int, gen_tokens
     root_stats = next(iter(per_node.values()))
     root_steps = max(root_stats["steps"], 1)
     return {
-        "sync": sync, "nodes": nodes, "wire": wire, "decode_steps": timing.decode_steps,
+        "sync": sync if sync == "star" else f"{sync}/{spin_us}", "nodes": nodes, "wire": wire, "decode_steps": timing.decode_steps,
         "decode_tok_s": round(timing.decode_tok_s, 3),
         "sync_ms_per_token": round(wall_ms - max(compute.values()), 3),
         "root_sync_wait_ms_per_token": round(1000 * root_stats["sync_s"] / root_steps, 3),
@@ -76,40 +77,44 @@ def main(argv=None) -> int:
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--wire", default="q8_0", choices=("q8_0", "f32"))
     ap.add_argument("--rounds", type=int, default=1, help="star then mesh, this many times")
+    ap.add_argument("--spin-us", default="0",
+                    help="comma-separated: one mesh run per value of its poll-before-sleep time")
     ap.add_argument("--json", action="store_true", help="one JSON object per measurement")
     args = ap.parse_args(argv)
     if not os.path.exists(args.model):
         print(f"no model at {args.model}: make one with dllama-ctl make-model --preset "
               f"tinyllama-1.1b --type q4_0 -o {args.model}", file=sys.stderr)
         return 2
+    runs = [("star", 0)] + [("mesh", int(v)) for v in args.spin_us.split(",")]
     results = []
     for _ in range(args.rounds):
-        for mode in MODES:
+        for mode, spin_us in runs:
             r = measure(args.model, args.nodes, args.threads, args.prompt_tokens,
-                        args.gen_tokens, args.wire, mode)
+                        args.gen_tokens, args.wire, mode, spin_us)
             results.append(r)
             if args.json:
                 print(json.dumps({k: v for k, v in r.items() if k != "tokens"}), flush=True)
     first = {r["sync"]: r["tokens"] for r in reversed(results)}
     same = {mode: all(r["tokens"] == first[mode] for r in results if r["sync"] == mode)
-            for mode in MODES}
-    agree = sum(a == b for a, b in zip(first["star"], first["mesh"]))
+            for mode in first}
+    mesh = next(tokens for mode, tokens in first.items() if mode != "star")
+    agree = sum(a == b for a, b in zip(first["star"], mesh))
     if args.json:
         print(json.dumps({"same_tokens_every_round": same, "star_mesh_tokens_equal": agree}))
         return 0
     print(f"{os.path.basename(args.model)}, {args.nodes} nodes x {args.threads} thread(s), "
           f"{args.wire} on the wire, {args.gen_tokens} tokens decoded after "
           f"{args.prompt_tokens}")
-    print(f"{'sync':6}{'tok/s':>8}{'sync ms/tok':>13}{'root wait':>11}{'compute ms/tok':>20}"
+    print(f"{'sync':9}{'tok/s':>8}{'sync ms/tok':>13}{'root wait':>11}{'compute ms/tok':>20}"
           f"{'B/tok root':>12}{'B/tok all':>11}")
     for r in results:
         compute = "/".join(f"{v:.2f}" for v in r["compute_ms_per_token"].values())
-        print(f"{r['sync']:6}{r['decode_tok_s']:8.2f}{r['sync_ms_per_token']:13.3f}"
+        print(f"{r['sync']:9}{r['decode_tok_s']:8.2f}{r['sync_ms_per_token']:13.3f}"
               f"{r['root_sync_wait_ms_per_token']:11.3f}{compute:>20}"
               f"{r['wire_bytes_per_token_at_root']:12d}{r['wire_bytes_per_token_all_nodes']:11d}")
     print("same tokens every round: " + ", ".join(f"{m} {'yes' if ok else 'NO'}"
                                                    for m, ok in same.items())
-          + f"; star and mesh agree on {agree} of {len(first['mesh'])} tokens")
+          + f"; star and mesh agree on {agree} of {len(mesh)} tokens")
     return 0
 
 

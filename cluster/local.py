@@ -40,7 +40,8 @@ class LocalCluster:
                  max_seq_len: Optional[int] = None, split: Optional[Sequence[float]] = None,
                  batch: int = 64, timeout_s: float = 10.0, tokenizer_path: Optional[str] = None,
                  load_tokenizer: bool = True, stream_weights: bool = False,
-                 state_dir: Optional[str] = None, sync: Optional[str] = None):
+                 state_dir: Optional[str] = None, sync: Optional[str] = None,
+                 spin_us: Optional[int] = None):
         caps = local_capacities(n_nodes, threads)
         self.processes: List[subprocess.Popen] = []
         # a key for this run only, readable by this user alone
@@ -57,7 +58,7 @@ class LocalCluster:
                 workers.append(WorkerAddress(host, port, cap, proc))
             self.root = ClusterRoot(model_path, caps[0], workers, threads, wire, max_seq_len,
                                     split, batch, timeout_s, tokenizer_path, load_tokenizer,
-                                    stream_weights, key, sync=sync)
+                                    stream_weights, key, sync=sync, spin_us=spin_us)
         except BaseException:
             self._stop()
             raise

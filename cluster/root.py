@@ -32,6 +32,10 @@ from dllama_node.plan import NodeCapacity, ShardPlan
 
 log = logging.getLogger(__name__)
 
+# In the mesh, how long a node waiting for its peers' parts keeps polling before it
+# sleeps: a peer that is a few microseconds behind then costs no sleep and wake-up.
+DEFAULT_SPIN_US = 0
+
 
 @dataclass
 class WorkerAddress:
@@ -75,7 +79,8 @@ class ClusterRoot:
                  batch: int = 64, timeout_s: float = DEFAULT_TIMEOUT_S,
                  tokenizer_path: Optional[str] = None, load_tokenizer: bool = True,
                  stream_weights: bool = False, key: bytes = b"", cluster: str = "default",
-                 allow_swap: bool = False, sync: Optional[str] = None):
+                 allow_swap: bool = False, sync: Optional[str] = None,
+                 spin_us: Optional[int] = None):
         from dllama_node.cluster.slices import model_identity
         from dllama_node.model import open_model
 
@@ -91,6 +96,8 @@ class ClusterRoot:
         self.max_seq_len, self.split = max_seq_len, split
         self.wire = check_wire(wire, self.model.config.dim)
         self.sync_mode = check_sync(sync or os.environ.get("DLLAMA_SYNC") or "mesh")
+        self.spin_us = int(os.environ.get("DLLAMA_SYNC_SPIN_US", DEFAULT_SPIN_US)
+                           if spin_us is None else spin_us)
         self.tokenizer = None
         if load_tokenizer:
             from dllama_node.tokenizer import load_tokenizer as _load
@@ -170,7 +177,8 @@ class ClusterRoot:
                                                streamed))
             if self.sync_mode == "mesh":
                 self._link_mesh()
-                self.sync = RootMeshSync(self.peers, cfg.dim, self.batch, self.wire)
+                self.sync = RootMeshSync(self.peers, cfg.dim, self.batch, self.wire,
+                                         self.spin_us)
             else:
                 self.sync = RootSync(self.peers, cfg.dim, self.batch, self.wire)
             transformer.sync = self.sync
@@ -191,7 +199,8 @@ class ClusterRoot:
                   "host": address[p.node_id].host, "port": address[p.node_id].port}
                  for i, p in enumerate(self.peers, 1)]
         for i, peer in enumerate(self.peers, 1):
-            peer.conn.send_json(Kind.MESH, {"session": session, "index": i, "peers": peers})
+            peer.conn.send_json(Kind.MESH, {"session": session, "index": i, "peers": peers,
+                                            "spin_us": self.spin_us})
         for peer in self.peers:
             answer = peer.conn.recv_json(Kind.MESH, f"MESH from {peer.node_id}",
                                          timeout_s=self.timeout_s * (len(self.peers) + 1))

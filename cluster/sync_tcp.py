@@ -93,8 +93,9 @@ class MeshExchange:
     allocation per call. A failure raises _LinkFailure naming the node."""
 
     def __init__(self, links: Sequence[Optional[Peer]], index: int, dim: int, batch: int,
-                 wire: str):
+                 wire: str, spin_us: int = 0):
         self.links, self.index, self.wire = list(links), index, wire
+        self.spin_s = spin_us * 1e-6
         self.others = [(i, p) for i, p in enumerate(self.links) if p is not None]
         n_nodes = len(self.links)
         self.row_bytes = row_bytes(dim, wire)
@@ -153,7 +154,7 @@ class MeshExchange:
             poller.register(fd, select.POLLIN | (select.POLLOUT if i in sending else 0))
         try:
             while got or sending:
-                events = poller.poll(1000 * self.timeout_s)
+                events = self._poll(poller)
                 if not events:
                     late = min(got) if got else min(sending)
                     doing = "waiting for" if got else "sending"
@@ -183,6 +184,19 @@ class MeshExchange:
     @property
     def timeout_s(self) -> float:
         return min(p.conn.timeout_s for _, p in self.others)
+
+    def _poll(self, poller) -> list:
+        """Ready links; for the first spin_s keep the CPU and ask again (a peer a few
+        microseconds behind costs no sleep and wake-up), then sleep up to the timeout."""
+        if self.spin_s > 0:
+            deadline = time.perf_counter() + self.spin_s
+            while True:
+                events = poller.poll(0)
+                if events or time.perf_counter() > deadline:
+                    break
+            if events:
+                return events
+        return poller.poll(1000 * self.timeout_s)
 
     def _send(self, i: int, peer: Peer, out: memoryview, sent: int, what: str) -> int:
         try:
@@ -304,9 +318,10 @@ class RootMeshSync(_RootSide):
     """The root as node 0 of the mesh: its links are its connections to the workers,
     peers[k] being node k + 1."""
 
-    def __init__(self, peers: Sequence[Peer], dim: int, batch: int, wire: str):
+    def __init__(self, peers: Sequence[Peer], dim: int, batch: int, wire: str,
+                 spin_us: int = 0):
         super().__init__(peers)
-        self.mesh = MeshExchange([None] + self.peers, 0, dim, batch, wire)
+        self.mesh = MeshExchange([None] + self.peers, 0, dim, batch, wire, spin_us)
 
     def all_reduce(self, buf: np.ndarray, layer: int, phase: str) -> None:
         t = time.perf_counter()
@@ -400,9 +415,9 @@ class WorkerMeshSync(WorkerSync):
     naming that node; the worker tells the root before it drops the session."""
 
     def __init__(self, links: Sequence[Optional[Peer]], index: int, dim: int, batch: int,
-                 wire: str):
+                 wire: str, spin_us: int = 0):
         super().__init__(links[0].conn, dim, batch, wire)
-        self.mesh = MeshExchange(links, index, dim, batch, wire)
+        self.mesh = MeshExchange(links, index, dim, batch, wire, spin_us)
 
     def all_reduce(self, buf: np.ndarray, layer: int, phase: str) -> None:
         t = time.perf_counter()

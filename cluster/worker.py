@@ -298,7 +298,8 @@ class Worker:
             return
         t = self.loaded.transformer
         t.sync.close()
-        t.sync = WorkerMeshSync(links, index, t.cfg.dim, t.batch, self.assignment["wire"])
+        t.sync = WorkerMeshSync(links, index, t.cfg.dim, t.batch, self.assignment["wire"],
+                                int(m.get("spin_us", 0)))
         log.info("mesh: node %d of %d, linked to %s", index, len(links),
                  ", ".join(link.node_id for link in links if link is not None))
         conn.send_json(Kind.MESH, {"links": len(links) - 1})

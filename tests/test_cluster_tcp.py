@@ -1,6 +1,6 @@
-"""The cluster with real processes over loopback TCP: equal results to one node, and the
-faults -- a worker killed mid-generation, a root that vanishes, a peer that speaks
-garbage or another protocol version."""
+"""The cluster with real processes over loopback TCP: equal results to one node (over the
+mesh, the default, and the star), and the faults -- a worker killed mid-generation, a
+root that vanishes, a peer that speaks garbage or another protocol version."""
 from __future__ import annotations
 
 import os
@@ -18,7 +18,7 @@ from dllama_node.cluster.local import LocalCluster, spawn_worker
 from dllama_node.cluster.planning import local_capacities
 from dllama_node.cluster.protocol import HEADER, MAGIC, Kind
 from dllama_node.cluster.root import ClusterRoot, WorkerAddress
-from dllama_node.cluster.sync_tcp import NodeFailure
+from dllama_node.cluster.sync_tcp import NodeFailure, RootMeshSync, RootSync
 from dllama_node.engine.forward import Transformer
 from dllama_node.engine.generate import Session
 from dllama_node.engine.load import load_weights
@@ -69,15 +69,32 @@ def test_n_processes_equal_one_node(model_path, single, n_nodes, split):
     assert np.abs(logits - ref_logits).max() <= 1e-5 * np.abs(ref_logits).max()
 
 
+def test_star_and_mesh_give_the_same_bits_on_an_exact_wire(model_path, single):
+    ref_logits, ref_tokens = single
+    logits, tokens = {}, {}
+    for sync, kind in (("star", RootSync), ("mesh", RootMeshSync)):
+        with LocalCluster(model_path, 3, wire="f32", max_seq_len=SEQ, batch=16,
+                          load_tokenizer=False, sync=sync) as root:
+            root.start()
+            assert type(root.sync) is kind
+            logits[sync] = root.session._eval_prompt(PROMPT).copy()
+            tokens[sync] = list(root.generate(PROMPT, 16, GREEDY))
+    np.testing.assert_array_equal(logits["mesh"], logits["star"])
+    assert tokens["mesh"] == tokens["star"] == ref_tokens[:16]
+
+
 def test_q8_0_wire_logits_within_tolerance(model_path, single):
     ref_logits, _ = single
     with LocalCluster(model_path, 3, wire="q8_0", max_seq_len=SEQ, batch=16,
                       load_tokenizer=False) as root:
         root.start()
+        assert isinstance(root.sync, RootMeshSync)          # the default
         logits = root.session._eval_prompt(PROMPT).copy()
         st = root.sync.stats
         # 2 workers, dim 96 = 3 q8_0 blocks of 34 bytes per token per all-reduce each way
         assert st.bytes_received >= 2 * 2 * 2 * len(PROMPT) * 3 * 34
+        per_node = root.node_stats()
+        assert len(per_node) == 3 and all(d["steps"] == st.steps for d in per_node.values())
     assert np.abs(logits - ref_logits).max() < 0.05 * np.abs(ref_logits).max()
 
 
