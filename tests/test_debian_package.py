@@ -9,6 +9,8 @@ Root only (debootstrap, chroot); the chroot's root file system is cached as a ta
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import re
 import subprocess
 import time
@@ -144,3 +146,34 @@ def test_reinstall_keeps_the_key_and_purge_removes_state(installed):
     assert dh.chroot_sh(installed, "getent passwd dllama").stdout.startswith("dllama:")
     assert not (installed / "etc/dllama-node").exists()
     assert not (installed / "var/lib/dllama-node").exists()
+
+
+def arm64_chroot_cached() -> bool:
+    import hashlib
+    key = hashlib.sha256((dh.ROOT / "packaging/debian/control").read_bytes()).hexdigest()[:8]
+    return (dh.CACHE_DIR / f"bookworm-arm64-build-{key}.tar").exists()
+
+
+@pytest.mark.arm
+@pytest.mark.skipif(not (arm64_chroot_cached() or os.environ.get("DLLAMA_TEST_ARM64_DEB")),
+                    reason="the arm64 build chroot is not cached (its first build under qemu takes "
+                           "about 7 min): run scripts/build-deb --arch arm64 once, or set "
+                           "DLLAMA_TEST_ARM64_DEB=1")
+def test_arm64_package_builds_in_qemu_chroot():
+    """scripts/build-deb --arch arm64: built in a bookworm arm64 chroot under qemu-user,
+    where the build-time smoke test runs the NEON kernels against the numpy reference."""
+    t0 = time.monotonic()
+    deb = dh.build_deb("arm64", timeout=1500)
+    print(f"\narm64 build (or reuse): {time.monotonic() - t0:.1f} s")
+    assert dh.deb_field(deb, "Architecture") == "arm64"
+    assert EXPECTED_DEPENDS <= {re.split(r"[ (:]", d.strip())[0]
+                                for d in dh.deb_field(deb, "Depends").split(",")}
+    with tempfile.TemporaryDirectory() as tmp:
+        dh.run(["dpkg-deb", "-x", str(deb), tmp])
+        so = list(Path(tmp).glob("usr/lib/python3/dist-packages/dllama_node/kernels/_kernels*.so"))
+        assert len(so) == 1 and so[0].name.endswith("-aarch64-linux-gnu.so"), so
+        header = dh.run(["readelf", "-h", str(so[0])]).stdout
+        assert "AArch64" in header
+    changes = deb.with_name(deb.name.replace(".deb", ".changes"))
+    r = dh.run(["lintian", "--fail-on", "error,warning", str(changes)], check=False, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
