@@ -11,7 +11,9 @@ a prompt of random ids, resets the counters and decodes greedily, measuring as
 `dllama-ctl bench --nodes N --json` does: sync ms/token is the wall time of a decode
 step less the slowest node's own compute. Also prints decode tok/s, the root's wait,
 each node's compute, bytes on the wire per token at the root and summed over every
-node's sends, and whether each topology gave the same tokens every round (with q8_0 on
+node's sends, "other load" (CPUs' worth of time other processes used during the decode:
+on this shared 2-core machine a run with more than about 0.1 is not a clean figure),
+and whether each topology gave the same tokens every round (with q8_0 on
 the wire star and mesh round differently, so their tokens may part on a random model's
 near-ties; with f32 they are the same bits). The machine is shared: compare figures of
 the same run, and use --rounds to see the spread.
@@ -34,19 +36,40 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL = os.path.join(ROOT, ".cache", "tinyllama-1.1b-q4_0.gguf")
 
 
+def _busy_ticks() -> int:
+    """Clock ticks every CPU spent busy since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    return user + nice + system + irq + softirq + steal
+
+
+def _own_ticks(pids) -> int:
+    """Clock ticks (user + system) the given processes have used."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])
+    return total
+
+
 def measure(model: str, nodes: int, threads: int, prompt_tokens: int, gen_tokens: int,
             wire: str, sync: str, spin_us: int = 0) -> dict:
     """One local cluster with `sync`: the figures of `dllama-ctl bench --json`."""
     greedy = Sampler(SamplerSettings(temperature=0))
-    with LocalCluster(model, nodes, threads, wire, prompt_tokens + gen_tokens + 1,
-                      load_tokenizer=False, sync=sync, spin_us=spin_us) as root:
+    cluster = LocalCluster(model, nodes, threads, wire, prompt_tokens + gen_tokens + 1,
+                           load_tokenizer=False, sync=sync, spin_us=spin_us)
+    pids = [os.getpid()] + [p.pid for p in cluster.processes]
+    with cluster as root:
         root.start()
         vocab = root.session.transformer.cfg.vocab_size
         rng = np.random.default_rng(0)
         prompt = [1] + rng.integers(3, vocab, prompt_tokens - 1).tolist()
         tokens = list(root.generate(prompt, 1, greedy))
         root.node_stats(reset=True)
+        busy0, own0 = _busy_ticks(), _own_ticks(pids)
         tokens += list(root.generate(root.session.cached, gen_tokens - 1, greedy))
+        other = (_busy_ticks() - busy0) - (_own_ticks(pids) - own0)
         timing = root.session.timings
         per_node = root.node_stats()
     steps = max(timing.decode_steps, 1)
@@ -55,7 +78,8 @@ def measure(model: str, nodes: int, threads: int, prompt_tokens: int, gen_tokens
     root_stats = next(iter(per_node.values()))
     root_steps = max(root_stats["steps"], 1)
     return {
-        "sync": sync if sync == "star" else f"{sync}/{spin_us}", "nodes": nodes, "wire": wire, "decode_steps": timing.decode_steps,
+        "sync": sync if sync == "star" else f"{sync}/{spin_us}", "nodes": nodes, "wire": wire,
+        "decode_steps": timing.decode_steps,
         "decode_tok_s": round(timing.decode_tok_s, 3),
         "sync_ms_per_token": round(wall_ms - max(compute.values()), 3),
         "root_sync_wait_ms_per_token": round(1000 * root_stats["sync_s"] / root_steps, 3),
@@ -64,6 +88,8 @@ def measure(model: str, nodes: int, threads: int, prompt_tokens: int, gen_tokens
                                          + root_stats["bytes_received"]) // root_steps,
         "wire_bytes_per_token_all_nodes": sum(d["bytes_sent"] for d in per_node.values())
         // root_steps,
+        "other_load": round(max(other, 0) / os.sysconf("SC_CLK_TCK") / max(timing.decode_s, 1e-9),
+                            2),
         "tokens": tokens,
     }
 
@@ -106,12 +132,13 @@ def main(argv=None) -> int:
           f"{args.wire} on the wire, {args.gen_tokens} tokens decoded after "
           f"{args.prompt_tokens}")
     print(f"{'sync':9}{'tok/s':>8}{'sync ms/tok':>13}{'root wait':>11}{'compute ms/tok':>20}"
-          f"{'B/tok root':>12}{'B/tok all':>11}")
+          f"{'B/tok root':>12}{'B/tok all':>11}{'other load':>12}")
     for r in results:
         compute = "/".join(f"{v:.2f}" for v in r["compute_ms_per_token"].values())
         print(f"{r['sync']:9}{r['decode_tok_s']:8.2f}{r['sync_ms_per_token']:13.3f}"
               f"{r['root_sync_wait_ms_per_token']:11.3f}{compute:>20}"
-              f"{r['wire_bytes_per_token_at_root']:12d}{r['wire_bytes_per_token_all_nodes']:11d}")
+              f"{r['wire_bytes_per_token_at_root']:12d}{r['wire_bytes_per_token_all_nodes']:11d}"
+              f"{r['other_load']:12.2f}")
     print("same tokens every round: " + ", ".join(f"{m} {'yes' if ok else 'NO'}"
                                                    for m, ok in same.items())
           + f"; star and mesh agree on {agree} of {len(mesh)} tokens")
