@@ -310,6 +310,8 @@ def test_three_booted_containers_install_elect_serve_and_restart_a_killed_worker
                 victim_id = f"n{other + 1}"
                 before = victim.sh("systemctl show -p NRestarts --value dllama-node").stdout.strip()
                 assert before == "0", before
+                main_pid = victim.sh("systemctl show -p MainPID --value dllama-node").stdout.strip()
+                assert main_pid.isdigit() and main_pid != "0", main_pid
                 t = time.monotonic()
                 r = victim.sh("systemctl kill -s KILL dllama-node", check=False)
                 if r.returncode != 0:
@@ -319,7 +321,8 @@ def test_three_booted_containers_install_elect_serve_and_restart_a_killed_worker
                     # error"). The main process is what counts (an OOM kill hits it alone).
                     assert "auxiliary processes" in r.stderr, r.stderr
                     print(f"\nsystemctl kill: {r.stderr.strip()}")
-                    victim.sh("systemctl kill --kill-who=main -s KILL dllama-node", check=False)
+                _wait(lambda: victim.sh(f"kill -0 {main_pid}", check=False).returncode != 0,
+                      f"the worker's main process (pid {main_pid} in the container) to die", 10)
                 _wait(lambda: victim.sh("systemctl show -p NRestarts --value dllama-node").stdout.strip()
                       == "1", "systemd to restart the killed worker", 30, journals)
                 _wait(lambda: victim.sh("systemctl is-active dllama-node", check=False).stdout.strip()
@@ -344,7 +347,11 @@ def test_three_booted_containers_install_elect_serve_and_restart_a_killed_worker
                                  root_j), root_j[-3000:]
                 victim_j = (victim.journal(f"MESSAGE_ID={PREVIOUS_EXIT_ID}")
                             + victim.journal(f"MESSAGE_ID={OOM_DIAGNOSIS_ID}"))
-                assert "previous run" in victim_j, victim.journal()[-3000:]
+                assert re.search(rf"previous run: node {victim_id} \(pid {main_pid}\).* without a "
+                                 r"clean exit", victim_j), victim.journal()[-3000:]
+                _wait(lambda: f"node {victim_id} is back; its previous run" in root_c.journal(),
+                      "the root to journal the returning worker's report", 15,
+                      lambda: root_c.journal()[-3000:])
                 times["total"] = time.monotonic() - t0
                 print(f"root {root_id}; plan table:\n{plan_entries[-1500:]}\nworker {victim_id} after "
                       f"the kill:\n{victim_j[-800:]}")
