@@ -230,8 +230,8 @@ class ControlOps:
                     raise
                 finally:
                     gen.close()
-                if out and out[-1] in stops:
-                    finish = "stop"
+                if finish == "length" and (len(out) < max_tokens or (out and out[-1] in stops)):
+                    finish = "stop"       # ended at an end-of-turn token, not at the limit
                 if len(out) > 1:
                     self.last_decode_tok_s = (len(out) - 1) / max(
                         time.perf_counter() - t0 - root.session.timings.prompt_s, 1e-9)

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The demo for a fresh machine (what `bash scripts/run` runs with no arguments, after
 # scripts/setup): the shard plan of the project's own small story model for 3 nodes,
-# then one chat turn answered by a 3-node cluster on this machine (loopback TCP).
+# then one chat turn answered by a 3-node cluster on this machine: as root, three
+# dllama-node daemons in network namespaces (demo/netns_cluster.py: mDNS, election,
+# the chat typed on a node that is not the root); otherwise 3 processes on loopback TCP
+# (DLLAMA_DEMO_LOOPBACK=1 forces that).
 #
 #   bash demo/run_demo.sh                       # "Tell me a story about a dragon."
 #   bash demo/run_demo.sh "Tell me a story about a fox who learns to swim."
@@ -29,6 +32,10 @@ echo
 echo "== the shard plan for $nodes nodes (query-head groups, FFN and vocabulary rows per node)"
 "$ctl" plan --model "$model" --nodes "$nodes"
 echo
+if [ "$(id -u)" = 0 ] && command -v ip >/dev/null && [ -z "${DLLAMA_DEMO_LOOPBACK:-}" ]; then
+  # as root: three dllama-node daemons in network namespaces, as on three boards
+  exec .venv/bin/python demo/netns_cluster.py "$model" "$message" "$temperature"
+fi
 echo "== one chat turn on $nodes nodes of this machine (loopback TCP)"
 echo "user> $message"
 printf "assistant> "
