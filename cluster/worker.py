@@ -1,5 +1,7 @@
 """A worker node: listens for a root, loads the slice it is assigned, runs its part of
-every forward step.
+every forward step. For the mesh (cluster/protocol.py, MESH) it also links to the other
+workers: it connects to those before it and accepts those after it on this same
+listener, each link authenticated with the cluster key like the root's.
 
 Workers are brittle by design (piwheels' rule): anything wrong with the root's session
 -- the root vanished, a protocol error, a timeout -- drops that session, logs why, and

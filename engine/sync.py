@@ -2,8 +2,10 @@
 
 The forward pass calls start_forward with the embedded input, all_reduce after each
 partial output projection and gather_logits at the end. A single node needs neither: LocalSynchronizer is the
-identity. The cluster runtime (cluster/) implements the same two methods over TCP, and
-an in-process fake lets N-node logic be tested in one process.
+identity. The cluster runtime (cluster/sync_tcp.py) implements the same methods over
+TCP -- by default a mesh in which every node sends its partial output to every other
+node -- and an in-process fake (cluster/fake.py) lets N-node logic be tested in one
+process with the same arithmetic.
 """
 from __future__ import annotations
 
