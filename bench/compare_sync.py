@@ -3,7 +3,7 @@ against mesh (every node to every node).
 
     .venv/bin/python bench/compare_sync.py [--model PATH] [--nodes 2] [--threads 1]
         [--prompt-tokens 128] [--gen-tokens 128] [--wire q8_0] [--rounds 2]
-        [--spin-us 0,200] [--json]
+        [--spin-us 0,150] [--json]
 
 For each round it starts a local cluster per topology (star first, then mesh, once per
 --spin-us value: how long a mesh node polls before it sleeps), evaluates
@@ -30,6 +30,7 @@ import sys
 import numpy as np
 
 from dllama_node.cluster.local import LocalCluster
+from dllama_node.cluster.root import DEFAULT_SPIN_US
 from dllama_node.engine.sampler import Sampler, SamplerSettings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,8 +104,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--wire", default="q8_0", choices=("q8_0", "f32"))
     ap.add_argument("--rounds", type=int, default=1, help="star then mesh, this many times")
-    ap.add_argument("--spin-us", default="0",
-                    help="comma-separated: one mesh run per value of its poll-before-sleep time")
+    ap.add_argument("--spin-us", default=str(DEFAULT_SPIN_US),
+                    help="comma-separated: one mesh run per value of its poll-before-sleep "
+                         f"limit (default {DEFAULT_SPIN_US})")
     ap.add_argument("--json", action="store_true", help="one JSON object per measurement")
     args = ap.parse_args(argv)
     if not os.path.exists(args.model):

@@ -17,6 +17,7 @@ names the node, the position, the layer and phase, and the cause.
 """
 from __future__ import annotations
 
+import os
 import select
 import socket
 import time
@@ -90,12 +91,20 @@ class MeshExchange:
     encodes into its own frame, the others' arrive in theirs; parts[i] is its payload.
     The sum decodes all N parts and adds them in node order in one kernel call (q8_0) or
     numpy adds (f32): the arithmetic of cluster/wire.py's sum_parts_into, with no
-    allocation per call. A failure raises _LinkFailure naming the node."""
+    allocation per call. The step itself -- sends, polls, receives -- runs in one kernel
+    call without the GIL (kernels/src/mesh_exchange.h); the same step in Python remains
+    for a build without it. A failure raises _LinkFailure naming the node."""
+
+    USE_KERNEL = True        # tests switch it off to run the Python step
 
     def __init__(self, links: Sequence[Optional[Peer]], index: int, dim: int, batch: int,
                  wire: str, spin_us: int = 0):
         self.links, self.index, self.wire = list(links), index, wire
-        self.spin_s = spin_us * 1e-6
+        # poll without sleeping for up to spin_max_s while most steps end within it: a
+        # peer a few microseconds behind then costs no sleep and wake-up; when the waits
+        # are long (a busy or oversubscribed machine) the node sleeps at once instead
+        self.spin_max_s, self.spin_s = spin_us * 1e-6, 0.0
+        self.short_steps = 1.0                # running share of steps within spin_max_s
         self.others = [(i, p) for i, p in enumerate(self.links) if p is not None]
         n_nodes = len(self.links)
         self.row_bytes = row_bytes(dim, wire)
@@ -113,6 +122,13 @@ class MeshExchange:
         self.header_length = -1
         self.by_fd = {p.conn.sock.fileno(): (i, p) for i, p in self.others}
         self.poller = select.poll()
+        self.timeout_s = min(p.conn.timeout_s for _, p in self.others)
+        # the whole step in C (kernels/src/mesh_exchange.h) where the build has it
+        from dllama_node.kernels import _kernels
+
+        self.kernel = getattr(_kernels, "mesh_exchange", None) if self.USE_KERNEL else None
+        self.fds = np.array([p.conn.sock.fileno() for _, p in self.others], np.int32)
+        self.nodes = np.array([i for i, _ in self.others], np.int32)
 
     def all_reduce(self, buf: np.ndarray, what: str) -> int:
         """buf (n, dim) float32 <- the sum of every node's part in node order. Returns the
@@ -141,6 +157,22 @@ class MeshExchange:
         return length
 
     def _exchange(self, size: int, length: int, what: str) -> None:
+        if self.spin_max_s:
+            self.spin_s = self.spin_max_s if self.short_steps >= 0.5 else 0.0
+            t = time.perf_counter()
+        if self.kernel is not None:
+            status, link, err, got = self.kernel(self.fds, self.nodes, self.frames, self.index,
+                                                 size, int(1000 * self.timeout_s),
+                                                 int(1e9 * self.spin_s))
+            if status:
+                self._kernel_failure(status, link, err, got, size, length, what)
+        else:
+            self._python_exchange(size, length, what)
+        if self.spin_max_s:
+            short = time.perf_counter() - t <= self.spin_max_s
+            self.short_steps += 0.05 * (short - self.short_steps)
+
+    def _python_exchange(self, size: int, length: int, what: str) -> None:
         out = self.views[self.index][:size]
         sending: Dict[int, int] = {}          # node index -> bytes of our frame sent so far
         for i, peer in self.others:
@@ -181,9 +213,27 @@ class MeshExchange:
                 if i in got or i in sending:
                     poller.unregister(fd)
 
-    @property
-    def timeout_s(self) -> float:
-        return min(p.conn.timeout_s for _, p in self.others)
+    def _kernel_failure(self, status: int, link: int, err: int, got: int, size: int,
+                        length: int, what: str) -> None:
+        """Raise the _LinkFailure of a failed kernel step, in the Python path's words."""
+        i, peer = self.others[link]
+        if status == 1:
+            raise _LinkFailure(i, f"connection closed while waiting for PART of {what} "
+                                  f"({got} of {size} bytes received)")
+        if status in (2, 3):
+            doing = "waiting for" if status == 2 else "sending"
+            raise _LinkFailure(i, f"connection lost while {doing} PART of {what} "
+                                  f"({os.strerror(err)})")
+        if status in (4, 5):
+            doing = "waiting for" if status == 4 else "sending"
+            raise _LinkFailure(i, f"no answer in {self.timeout_s:.1f} s while {doing} PART "
+                                  f"of {what}")
+        try:
+            kind, frame_length = peer.conn.check_header(self.views[i])
+        except ProtocolError as e:
+            raise _LinkFailure(i, str(e)) from None
+        self._unexpected(i, peer, kind, frame_length, got, length, what)
+        raise _LinkFailure(i, f"status {status} from the exchange kernel")
 
     def _poll(self, poller) -> list:
         """Ready links; for the first spin_s keep the CPU and ask again (a peer a few
