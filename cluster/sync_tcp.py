@@ -122,7 +122,7 @@ class MeshExchange:
         self.header_length = -1
         self.by_fd = {p.conn.sock.fileno(): (i, p) for i, p in self.others}
         self.poller = select.poll()
-        self.timeout_s = min(p.conn.timeout_s for _, p in self.others)
+        self.timeout_s = min((p.conn.timeout_s for _, p in self.others), default=0.0)
         # the whole step in C (kernels/src/mesh_exchange.h) where the build has it
         from dllama_node.kernels import _kernels
 
@@ -157,6 +157,8 @@ class MeshExchange:
         return length
 
     def _exchange(self, size: int, length: int, what: str) -> None:
+        if not self.others:                   # a cluster of one: nothing to exchange
+            return
         if self.spin_max_s:
             self.spin_s = self.spin_max_s if self.short_steps >= 0.5 else 0.0
             t = time.perf_counter()

@@ -198,3 +198,12 @@ def test_a_node_stops_spinning_when_its_waits_are_long():
         assert late.short_steps > 0.5 and late.spin_s > 0.0       # its parts are there
     finally:
         _close(links)
+
+
+def test_a_root_without_workers_sums_its_own_part_as_it_would_cross_the_wire():
+    root = RootMeshSync([], 64, 2, "q8_0", spin_us=150)
+    x = np.random.default_rng(3).normal(size=(2, 64)).astype(np.float32)
+    buf = x.copy()
+    root.all_reduce(buf, 0, "attention")
+    np.testing.assert_array_equal(buf, reduce_parts([x], "q8_0", "mesh"))
+    assert root.stats.bytes_sent == root.stats.bytes_received == 0
