@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from dllama_node.cluster.protocol import HEADER, MAGIC, PROTOCOL_VERSION, Connection, Kind
-from dllama_node.cluster.sync_tcp import (MeshExchange, NodeFailure, Peer, RootMeshSync,
-                                          WorkerMeshSync)
+from dllama_node.cluster.mesh import MeshExchange
+from dllama_node.cluster.sync_tcp import NodeFailure, Peer, RootMeshSync, WorkerMeshSync
 from dllama_node.cluster.wire import reduce_parts
 
 
