@@ -71,18 +71,25 @@ class ControlServer:
                                                    f"object with op in {sorted(self.handlers)}",
                             "exit_code": 2})
                 return
-            try:
-                answer = await handler(request, emit)
-            except DllamaError as e:
-                answer = {"error": str(e), "exit_code": e.exit_code}
-            except (ValueError, TypeError, KeyError) as e:
-                answer = {"error": f"bad request {request.get('op')!r}: {e}", "exit_code": 2}
-            answer["done"] = True
-            await emit(answer)
+            await answer_request(handler, request, emit)
         except (ConnectionError, asyncio.IncompleteReadError):
             log.info("control client went away")
         finally:
             writer.close()
+
+
+async def answer_request(handler: Handler, request: dict,
+                         emit: Callable[[dict], Awaitable[None]]) -> None:
+    """Run one handler and emit its final line ("done"; an error as one line with its exit
+    code). Shared by the Unix socket and the forwarded TCP requests (daemon/forward.py)."""
+    try:
+        answer = await handler(request, emit)
+    except DllamaError as e:
+        answer = {"error": str(e), "exit_code": e.exit_code}
+    except (ValueError, TypeError, KeyError) as e:
+        answer = {"error": f"bad request {request.get('op')!r}: {e}", "exit_code": 2}
+    answer["done"] = True
+    await emit(answer)
 
 
 def request(path: str, obj: dict, timeout_s: float = 600.0) -> Iterator[dict]:

@@ -23,6 +23,7 @@ from typing import Awaitable, Callable, Dict, Optional
 
 from dllama_node.cluster.auth import INITIATOR, RESPONDER, Handshake
 from dllama_node.common.errors import ClusterError, DllamaError, ProtocolError
+from dllama_node.daemon.control import answer_request
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +98,7 @@ class ForwardServer:
                 await emit({"done": True, "exit_code": 2, "error":
                             f"bad forwarded request: expected op in {sorted(self.handlers)}"})
                 return
-            try:
-                answer = await handler(request, emit)
-            except DllamaError as e:
-                answer = {"error": str(e), "exit_code": e.exit_code}
-            except (ValueError, TypeError, KeyError) as e:
-                answer = {"error": f"bad request {request.get('op')!r}: {e}", "exit_code": 2}
-            answer["done"] = True
-            await emit(answer)
+            await answer_request(handler, request, emit)
         except (ConnectionError, asyncio.IncompleteReadError):
             log.info("control connection from %s went away", where)
         finally:
