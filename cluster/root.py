@@ -114,10 +114,16 @@ class ClusterRoot:
 
     # ---- start ---------------------------------------------------------------------
     def start(self, progress: Optional[Callable[[str], None]] = None,
-              stream_progress: Optional[Callable[[str, int, int], None]] = None) -> ShardPlan:
+              stream_progress: Optional[Callable[[str, int, int], None]] = None,
+              on_plan: Optional[Callable[[ShardPlan, str], None]] = None,
+              load_progress: Optional[Callable[[int, int], None]] = None) -> ShardPlan:
         """Connect to every worker, plan over them, assign and load every slice.
-        stream_progress(node_id, bytes_done, bytes_total) while a slice streams."""
+        stream_progress(node_id, bytes_done, bytes_total) while a slice streams;
+        on_plan(plan, load_id) once the plan is made, before anything loads (the load id
+        goes to every worker in its assignment); load_progress(bytes_done, bytes_total)
+        while the root reads its own slice."""
         say = progress or (lambda msg: None)
+        load_id = secrets.token_hex(8)
         self._close_peers()
         conns = []
         try:
@@ -135,6 +141,8 @@ class ClusterRoot:
                                   allow_swap=self.allow_swap, batch=self.batch)
             by_id = {n.node_id: n for n in self.plan.nodes}
             root_slice = by_id[self.root_capacity.node_id]
+            if on_plan is not None:
+                on_plan(self.plan, load_id)
             cfg = self.model.config
             self.peers = []
             for w, conn in zip(self.workers, conns):
@@ -152,7 +160,7 @@ class ClusterRoot:
                               "vocab_rows": list(node.vocab_rows)},
                     "seq_len": self.plan.max_seq_len, "batch": self.batch,
                     "planned_bytes": node.memory.total - node.memory.reserve,
-                    "threads": self.threads, "wire": self.wire})
+                    "threads": self.threads, "wire": self.wire, "load_id": load_id})
                 self.peers.append(Peer(w.node_id, conn, tuple(node.vocab_rows), w.process))
             assigned = {p.node_id for p in self.peers} | {root_slice.node_id}
             missing = [n.node_id for n in self.plan.nodes if n.node_id not in assigned]
@@ -161,7 +169,7 @@ class ClusterRoot:
                                    "not connected")
             say(f"loading {len(self.peers) + 1} slices")
             t0 = time.perf_counter()
-            weights = load_weights(self.model, slice_spec(root_slice))
+            weights = load_weights(self.model, slice_spec(root_slice), progress=load_progress)
             transformer = Transformer(weights, self.plan.max_seq_len, self.threads, self.batch)
             transformer.forward = self._timed(transformer.forward)
             self.reports = [NodeReport(root_slice.node_id, root_slice.role,

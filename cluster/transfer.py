@@ -23,8 +23,10 @@ log = logging.getLogger(__name__)
 RETRIES = 2
 
 
-def fetch_slice(conn: Connection, cache: SliceCache) -> tuple:
-    """Worker side: (path of the verified slice file, bytes streamed)."""
+def fetch_slice(conn: Connection, cache: SliceCache,
+                progress: Optional[Callable[[int, int], None]] = None) -> tuple:
+    """Worker side: (path of the verified slice file, bytes streamed).
+    progress(bytes_written, bytes_total) while the slice streams."""
     conn.send_json(Kind.NEED, {"what": "manifest"})
     manifest = SliceManifest.from_json(conn._json(conn.expect(Kind.MANIFEST, "MANIFEST"),
                                                   "MANIFEST").get("manifest"))
@@ -33,7 +35,7 @@ def fetch_slice(conn: Connection, cache: SliceCache) -> tuple:
         log.info("slice %s found in the cache", manifest.digest[:12])
         return path, 0
     streamed = 0
-    with cache.writer(manifest) as writer:
+    with cache.writer(manifest, progress) as writer:
         for attempt in range(RETRIES + 1):
             names = writer.missing()
             if not names:

@@ -71,9 +71,10 @@ def _own_copy(a: dict):
     return None
 
 
-def load_assignment(a: dict, conn: Connection, cache) -> LoadedSlice:
+def load_assignment(a: dict, conn: Connection, cache, progress=None) -> LoadedSlice:
     """Load the slice: from this node's copy of the model when it has the root's file,
-    else from the slice cache, else streamed from the root into the cache."""
+    else from the slice cache, else streamed from the root into the cache.
+    progress(phase, bytes_done, bytes_total), phase "streaming" or "reading"."""
     from dllama_node.cluster.slice_cache import open_slice
     from dllama_node.cluster.slices import slice_weights
     from dllama_node.cluster.transfer import fetch_slice
@@ -85,16 +86,20 @@ def load_assignment(a: dict, conn: Connection, cache) -> LoadedSlice:
     s = a["slice"]
     spec = SliceSpec(tuple(s["q_heads"]), tuple(s["kv_heads"]), tuple(s["ffn_rows"]),
                      tuple(s["vocab_rows"]))
+    def phase(name):
+        return (lambda done, total: progress(name, done, total)) if progress else None
     model = _own_copy(a)
     streamed = 0
     if model is not None:
         source = "file"
     else:
-        path, streamed = fetch_slice(conn, cache)
+        path, streamed = fetch_slice(conn, cache, phase("streaming"))
         model = open_slice(path)
         source = "stream" if streamed else "cache"
     try:
-        weights = load_weights(model, spec) if source == "file" else slice_weights(model, spec)
+        reading = phase("reading")
+        weights = load_weights(model, spec, progress=reading) if source == "file" \
+            else slice_weights(model, spec, progress=reading)
         wire = check_wire(a["wire"], model.config.dim)
         sync = WorkerSync(conn, model.config.dim, a["batch"], wire)
         transformer = Transformer(weights, a["seq_len"], a["threads"], a["batch"], sync)
@@ -109,13 +114,16 @@ def load_assignment(a: dict, conn: Connection, cache) -> LoadedSlice:
 class Worker:
     def __init__(self, host: str, port: int, node_id: str, key: bytes, cluster: str = "default",
                  timeout_s: float = DEFAULT_TIMEOUT_S, state_dir: Optional[str] = None,
-                 on_loaded=None, on_assigned=None):
+                 on_loaded=None, on_assigned=None, on_progress=None):
         from dllama_node.cluster.slice_cache import SliceCache
 
         self.node_id = node_id
         self.key, self.cluster = key, cluster
         self.on_loaded = on_loaded       # e.g. lock the slice in RAM
         self.on_assigned = on_assigned   # on_assigned(assignment): accepted, about to load
+        # on_progress(phase, bytes_done, bytes_total): "streaming", "reading", then "kept"
+        # (the slice was already loaded) or "failed"; on_loaded follows a load
+        self.on_progress = on_progress
         self.state_dir = state_dir or os.path.join(
             os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dllama-node")
         self.cache = SliceCache(os.path.join(self.state_dir, "slices"))
@@ -225,10 +233,17 @@ class Worker:
                 self.loaded = None
             log.info("loading slice %s of %s", a["slice"], a["model_path"])
             rss_before = current_rss_bytes()
-            self.loaded = load_assignment(a, conn, self.cache)
+            try:
+                self.loaded = load_assignment(a, conn, self.cache, self.on_progress)
+            except BaseException:
+                if self.on_progress is not None:
+                    self.on_progress("failed", 0, 0)
+                raise
             if self.on_loaded is not None:
                 self.on_loaded(self.loaded.transformer)
             self.loaded.rss_before = rss_before
+        elif self.on_progress is not None:
+            self.on_progress("kept", 0, 0)
         t = self.loaded.transformer
         self.assignment = a
         # the star until the root sends MESH; a new root gets a new synchronizer

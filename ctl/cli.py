@@ -151,6 +151,16 @@ def _no_local_options(**given) -> None:
                 "to the dllama-node service, which has its own settings")
 
 
+def wait_option(default: Optional[float]):
+    text = ("If the cluster is not serving yet, wait this long (seconds) for it, with a "
+            "progress bar per node while the slices load; 0 fails at once.")
+    if default is None:
+        text = ("With --wait: give up after this long (seconds).")
+    return click.option("--wait-timeout", "wait_s", type=click.FloatRange(0), metavar="SECONDS",
+                        default=default if default is not None else 600.0, show_default=True,
+                        help=text)
+
+
 def sampler_options(f):
     options = [
         click.option("--temperature", type=float, default=0.8, show_default=True,
@@ -179,9 +189,10 @@ def sampler_options(f):
               help="Wrap the prompt in the model's chat template as one user turn.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object: prompt_tokens, tokens, text, timings.")
+@wait_option(600.0)
 def generate(model_path, tokenizer_path, threads, max_seq_len, temperature, top_k, top_p,
              repetition_penalty, seed, nodes, split, wire, stream_weights, socket_path, words,
-             prompt, max_tokens, stop, chat_format, as_json):
+             prompt, max_tokens, stop, chat_format, as_json, wait_s):
     """Generate text from a prompt, streaming it to standard output.
 
     \b
@@ -201,7 +212,8 @@ def generate(model_path, tokenizer_path, threads, max_seq_len, temperature, top_
                           nodes=nodes, split=split, wire=wire, stream_weights=stream_weights)
         params = remote_commands.generation_params(temperature, top_k, top_p,
                                                    repetition_penalty, seed, max_tokens, stop)
-        remote_commands.generate(_client(socket_path), prompt, chat_format, params, as_json)
+        remote_commands.generate(_client(socket_path), prompt, chat_format, params, as_json,
+                                 wait_s)
         return
     local_commands.generate(
         model_path=model_path, tokenizer_path=tokenizer_path, threads=threads,
@@ -218,8 +230,9 @@ def generate(model_path, tokenizer_path, threads, max_seq_len, temperature, top_
 @click.option("--system", default=None, help="System prompt for the conversation.")
 @click.option("--max-tokens", "-n", type=int, default=512, show_default=True,
               help="Most tokens per answer.")
+@wait_option(600.0)
 def chat(model_path, tokenizer_path, threads, max_seq_len, temperature, top_k, top_p,
-         repetition_penalty, seed, socket_path, system, max_tokens):
+         repetition_penalty, seed, socket_path, system, max_tokens, wait_s):
     """Talk with the model. Type a message and press Enter.
 
     \b
@@ -241,7 +254,7 @@ def chat(model_path, tokenizer_path, threads, max_seq_len, temperature, top_k, t
         _no_local_options(tokenizer=tokenizer_path, threads=threads, max_seq_len=max_seq_len)
         params = remote_commands.generation_params(temperature, top_k, top_p,
                                                    repetition_penalty, seed, max_tokens)
-        remote_commands.chat(_client(socket_path), params, system)
+        remote_commands.chat(_client(socket_path), params, system, wait_s)
         return
     local_commands.chat(
         model_path=model_path, tokenizer_path=tokenizer_path, threads=threads,
@@ -339,16 +352,21 @@ def info(model_path, as_json):
 @cli.command()
 @socket_option
 @click.option("--json", "as_json", is_flag=True, help="The service's answer as one JSON object.")
-def status(socket_path, as_json):
+@click.option("--wait", is_flag=True,
+              help="Wait until the cluster serves, with a progress bar per node while the "
+                   "slices load (on stderr), then show the status.")
+@wait_option(None)
+def status(socket_path, as_json, wait, wait_s):
     """Show the cluster: every node's role, address, RAM, swap, slice, whether its memory is
     locked, tokens/s and state; the root; the plan.
 
     \b
       dllama-ctl status
+      dllama-ctl status --wait          # after `systemctl start dllama-node`: watch it load
       dllama-ctl status --json | jq '.nodes[] | select(.locked == false)'
     """
     from dllama_node.ctl import remote_commands
-    remote_commands.status(_client(socket_path), as_json)
+    remote_commands.status(_client(socket_path), as_json, wait_s if wait else None)
 
 
 @cli.command()

@@ -31,9 +31,42 @@ def generation_params(temperature: float, top_k: int, top_p: float, repetition_p
     return params
 
 
+DEFAULT_WAIT_S = 600.0
+
+
+def wait_for_cluster(client: DaemonClient, timeout_s: float,
+                     daemon_may_start: bool = False) -> dict:
+    """The status once the cluster serves. Until then the waiting line and a progress bar
+    per node while slices load go to stderr (ctl/load_view.py). timeout_s 0 waits not at
+    all: a cluster that does not serve is an error at once. Without
+    daemon_may_start, a daemon that does not answer the first time is an error at once
+    (`status --wait` right after `systemctl start` waits for it instead)."""
+    from dllama_node.common.errors import ClusterError, DllamaError
+    from dllama_node.ctl.load_view import LoadDisplay, is_serving, wait_until_serving
+
+    display = LoadDisplay(sys.stderr)
+    try:
+        first = client.status()
+    except DllamaError as e:
+        if not daemon_may_start or timeout_s <= 0:
+            raise
+        display.problem(str(e))
+    else:
+        if is_serving(first):
+            return first
+        if timeout_s <= 0:
+            from dllama_node.ctl.load_view import waiting_line
+            raise ClusterError(f"the cluster is not serving: {waiting_line(first)} "
+                               "(--wait-timeout SECONDS waits for it)")
+        display.show(first)
+    return wait_until_serving(client.status, timeout_s, display)
+
+
 def generate(client: DaemonClient, prompt: str, chat_format: bool, params: dict,
-             as_json: bool) -> None:
-    """One generation; text streams to stdout, or one JSON object with --json."""
+             as_json: bool, wait_s: float = DEFAULT_WAIT_S) -> None:
+    """One generation; text streams to stdout, or one JSON object with --json. A cluster
+    still loading is waited for (wait_s), with its progress on stderr."""
+    wait_for_cluster(client, wait_s)
     request = dict(params)
     if chat_format:
         request["messages"] = [{"role": "user", "content": prompt}]
@@ -55,11 +88,14 @@ def generate(client: DaemonClient, prompt: str, chat_format: bool, params: dict,
                f"{final.get('finish_reason', 'done')}]", err=True)
 
 
-def chat(client: DaemonClient, params: dict, system: Optional[str]) -> None:
-    """The interactive chat (ctl/chat_repl.py) with answers from the daemon."""
+def chat(client: DaemonClient, params: dict, system: Optional[str],
+         wait_s: float = DEFAULT_WAIT_S) -> None:
+    """The interactive chat (ctl/chat_repl.py) with answers from the daemon, once the
+    cluster serves (waited for, with progress bars, up to wait_s)."""
     from dllama_node.ctl.chat_repl import ChatSession, run_chat, setup_history
 
     interactive = sys.stdin.isatty()
+    wait_for_cluster(client, wait_s)
 
     def send(messages):
         return client.generate(dict(params, messages=messages))
@@ -92,10 +128,12 @@ def chat(client: DaemonClient, params: dict, system: Optional[str]) -> None:
             save_history()
 
 
-def status(client: DaemonClient, as_json: bool) -> None:
+def status(client: DaemonClient, as_json: bool, wait_s: Optional[float] = None) -> None:
+    """The cluster's status; with wait_s, once it serves (progress on stderr meanwhile)."""
     from dllama_node.ctl.status_view import format_status
 
-    answer = client.status()
+    answer = wait_for_cluster(client, wait_s, daemon_may_start=True) if wait_s is not None \
+        else client.status()
     answer.pop("done", None)
     click.echo(json.dumps(answer) if as_json else format_status(answer))
 

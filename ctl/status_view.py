@@ -119,6 +119,12 @@ def format_status(status: dict) -> str:
                       f" ({plan.get('seq_len_reason', '')})"]
     else:
         lines += ["", "plan: none yet"]
+    loading = status.get("loading") or {}
+    if loading.get("nodes"):
+        from dllama_node.ctl.load_view import load_lines
+        head = "slices loaded" if loading.get("done") else "loading slices"
+        lines += ["", f"{head} (load {loading.get('load_id', '?')}):"] + \
+            ["  " + line for line in load_lines(status)]
     for x in (plan or {}).get("excluded", ()):
         lines.append(f"left out: {x['node_id']}: {x['reason']}")
     for w in (plan or {}).get("warnings", ()):

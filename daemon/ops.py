@@ -10,6 +10,7 @@ the ones that need the root (generate, plan, models, the cluster's status) there
     plan     -> a dry run: the plan for a model (this node's, or "model") and max_seq_len over
                 the nodes present now, with its table
     ping     -> {"node_id"}: checks that a peer holds the cluster key (the handshake did that)
+    progress -> this node's own slice load (daemon/load_progress.py), asked by the root
     report   -> how this node's previous run ended (kind, message, fixes, journal fields)
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, List, Optional
 
-from dllama_node.common.errors import ClusterError, UsageError
+from dllama_node.common.errors import ClusterError, DllamaError, UsageError
 from dllama_node.daemon import journal
 from dllama_node.daemon.forward import forward
 
@@ -39,7 +40,8 @@ class ControlOps:
 
     def handlers(self) -> dict:
         return {"status": self.status, "generate": self.generate, "models": self.models,
-                "plan": self.plan, "ping": self.ping, "report": self.report}
+                "plan": self.plan, "ping": self.ping, "report": self.report,
+                "progress": self.progress}
 
     # ---- routing ---------------------------------------------------------------------
     def _is_root(self) -> bool:
@@ -61,7 +63,6 @@ class ControlOps:
                                emit)
         answer.pop("done", None)
         if "error" in answer:
-            from dllama_node.common.errors import DllamaError
             err = DllamaError(answer["error"])
             err.exit_code = int(answer.get("exit_code", 6))
             raise err
@@ -70,6 +71,48 @@ class ControlOps:
     # ---- ops ---------------------------------------------------------------------------
     async def ping(self, request: dict, emit) -> dict:
         return {"node_id": self.s.config.node_id, "state": self.s.state}
+
+    async def progress(self, request: dict, emit) -> dict:
+        own = self.s.loading.get(self.s.config.node_id)
+        return {"node_id": self.s.config.node_id, "load": own.to_dict() if own else None}
+
+    async def loading_view(self) -> Optional[dict]:
+        """On the root: every planned node's load of the plan loading now (or loaded last),
+        its own record asked of it while it is not finished (daemon/load_progress.py)."""
+        from dllama_node.daemon.load_progress import NodeLoad, loading_done, merge_loading
+        s = self.s
+        lp = s.load_plan
+        if lp is None:
+            return None
+        if s.load_rows is not None:
+            rows = s.load_rows
+        else:
+            me = s.config.node_id
+            root_view = {n: s.loading.get(n) for n in lp["nodes"]}
+            reports = {me: root_view.get(me)}
+            adverts = {a.node_id: a for a in s.trusted_peers()} if s.discovery else {}
+            ask = [n for n in lp["nodes"] if n != me and n in adverts
+                   and not (root_view.get(n) and root_view[n].finished)]
+
+            async def ask_one(node_id: str):
+                a = adverts[node_id]
+                try:
+                    answer = await forward(a.address, a.control_port, s.key, s.config.cluster,
+                                           me, {"op": "progress"}, _ignore, timeout_s=3)
+                except (DllamaError, OSError, asyncio.TimeoutError) as e:
+                    log.debug("node %s did not say how far it is: %s", node_id, e)
+                    return node_id, None
+                load = answer.get("load")
+                return node_id, NodeLoad.from_dict(load) if isinstance(load, dict) else None
+            for node_id, load in await asyncio.gather(*(ask_one(n) for n in ask)):
+                reports[node_id] = load
+            merged = merge_loading(lp["load_id"], lp["planned"], root_view, reports)
+            rows = {n: merged[n] for n in lp["nodes"]}
+            if loading_done(rows) and s.root is not None and s.root.ready:
+                s.load_rows = rows            # finished: nothing more to ask
+        return {"load_id": lp["load_id"], "plan_table": lp["plan_table"],
+                "done": s.root is not None and s.root.ready,
+                "nodes": [r.to_dict() for r in rows.values()]}
 
     async def report(self, request: dict, emit) -> dict:
         """How this node's previous run ended (daemon/oom.py's diagnosis), when badly."""
@@ -85,12 +128,15 @@ class ControlOps:
                  "term": s.election.term, "last_error": s.last_error,
                  "peers": [a.to_dict() for a in s.discovery.peers()] if s.discovery else []}
         if self._is_root() or request.get("local") or not s.election.root_id:
-            return dict(local, **self.cluster_view())
+            view = dict(local, **self.cluster_view())
+            if self._is_root():
+                view["loading"] = await self.loading_view()
+            return view
         try:
             remote = await self._to_root({"op": "status"}, emit)
         except ClusterError as e:
             return dict(local, plan=None, plan_table=None, nodes=self.node_rows(None),
-                        last_error=f"the root did not answer: {e}")
+                        loading=None, last_error=f"the root did not answer: {e}")
         return dict(remote, node_id=s.config.node_id, state=s.state, asked_root=True)
 
     def cluster_view(self) -> dict:
@@ -297,3 +343,7 @@ def _generate_params(r: dict) -> dict:
                                seed=seed).validate()
     return {"messages": messages, "prompt": prompt, "prompt_tokens": tokens,
             "max_tokens": max_tokens, "stop": stop, "sampler": settings}
+
+
+async def _ignore(line: dict) -> None:
+    pass

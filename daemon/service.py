@@ -27,6 +27,7 @@ from dllama_node.daemon.config import DaemonConfig
 from dllama_node.daemon.control import ControlServer
 from dllama_node.daemon.election import Action, ElectionState, PeerView, decide
 from dllama_node.daemon.forward import ForwardServer, forward
+from dllama_node.daemon.load_progress import LoadProgress
 from dllama_node.daemon.membership import Membership, last_exit_text
 from dllama_node.daemon.ops import ControlOps
 from dllama_node.daemon.oom import start_run
@@ -72,6 +73,9 @@ class NodeService:
         self.control_port = 0
         self.http_port = 0
         self.last_exit = ""
+        self.loading = LoadProgress()        # slice loads: this node's own, and on the root
+        self.load_plan: Optional[dict] = None  # the plan loading or loaded: load_id, planned
+        self.load_rows: Optional[dict] = None  # its rows once every node finished
 
     # ---- start-up ------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -94,8 +98,8 @@ class NodeService:
         log.info("priority: %s", prio.to_dict())
         host, port = c.listen_host_port
         self.worker = Worker(host, port, c.node_id, self.key, c.cluster,
-                             state_dir=c.state_dir, on_loaded=self._lock_slice,
-                             on_assigned=self._assigned)
+                             state_dir=c.state_dir, on_loaded=self._worker_loaded,
+                             on_assigned=self._assigned, on_progress=self._worker_progress)
         self.port = port or int(self.worker.address.rpartition(":")[2])
 
     def _assigned(self, a: dict) -> None:
@@ -108,11 +112,50 @@ class NodeService:
                                max_seq_len=int(a.get("seq_len") or 0),
                                kv_bytes_per_token=2 * int(cfg.get("n_layers", 0)) * kv_dim
                                * KVCache.BYTES_PER_VALUE)
+        self.loading.begin(self.config.node_id, str(a.get("load_id") or ""), 0)
 
-    def _lock_slice(self, transformer) -> None:
+    def _worker_progress(self, phase: str, done: int, total: int) -> None:
+        me = self.config.node_id
+        if phase in ("kept", "failed"):
+            self.loading.finish(me, phase)
+        else:
+            self.loading.update(me, phase, done, total)
+
+    def _on_plan(self, plan, load_id: str) -> None:
+        """The root made a plan and is about to load it: a row per node for the bars."""
+        self.load_rows = None
+        self.load_plan = {"load_id": load_id, "nodes": [n.node_id for n in plan.nodes],
+                          "planned": {n.node_id: n.memory.weights for n in plan.nodes},
+                          "plan_table": format_plan(plan)}
+        for n in plan.nodes:
+            self.loading.begin(n.node_id, load_id, n.memory.weights)
+
+    def _root_read(self, done: int, total: int) -> None:
+        me = self.config.node_id
+        if done >= total:
+            self.loading.finish(me, "loaded")      # locked later, once every slice loaded
+        else:
+            self.loading.update(me, "reading", done, total)
+
+    def _worker_loaded(self, transformer) -> None:
+        loaded = self.worker.loaded
+        self._lock_slice(transformer, loaded.source if loaded is not None else "")
+
+    def _lock_slice(self, transformer, source: str = "file") -> None:
         self.run_record.update(phase="serving")
+        me = self.config.node_id
+        own = self.loading.get(me)
+        source = _SOURCES.get(source, "")
         if not self.config.lock_memory:
+            self.loading.finish(me, "loaded", source)
             return
+        self.loading.update(me, "locking", own.done if own else 0)
+        try:
+            self._lock_arrays(transformer)
+        finally:
+            self.loading.finish(me, "loaded", source)
+
+    def _lock_arrays(self, transformer) -> None:
         arrays = [transformer.cache.data]
         for lw in transformer.w.layers:
             arrays += [lw.wq[0], lw.wk[0], lw.wv[0], lw.wo[0], lw.w_gate[0], lw.w_up[0],
@@ -348,7 +391,10 @@ class NodeService:
             if decision.action == Action.NO_ROOT:
                 self._set_state("electing", decision.reason)
             elif decision.state.root_id:
-                self._set_state("serving", f"worker of root {decision.state.root_id}")
+                own = self.loading.get(self.config.node_id)
+                busy = own is not None and not own.finished
+                self._set_state("loading" if busy else "serving",
+                                f"worker of root {decision.state.root_id}")
             else:
                 self._set_state("electing")
 
@@ -394,17 +440,25 @@ class NodeService:
                                tokenizer_path=c.tokenizer, allow_swap=c.allow_swap)
             try:
                 self._set_state("loading")
-                plan = root.start()
+                self.load_plan = self.load_rows = None
+                plan = root.start(
+                    stream_progress=lambda n, d, t: self.loading.update(n, "streaming", d, t),
+                    on_plan=self._on_plan,
+                    load_progress=self._root_read)
             except PlanRejected as r:
                 root.close()
                 log.warning("%s; re-planning", r)
                 self.overrides[r.node_id] = r.available_bytes
                 continue
-            except BaseException:
+            except BaseException as e:
                 root.close()
+                for n in (self.load_plan or {}).get("nodes", ()):
+                    own = self.loading.get(n)
+                    if own is not None and not own.finished:
+                        self.loading.finish(n, "failed", str(e)[:200])
                 raise
-            self.root = root
             self._lock_slice(root.session.transformer)
+            self.root = root                     # serving from here: the status shows the plan
             journal.log_event("plan_table", format_plan(plan), node=c.node_id, phase="planning",
                               planned_bytes=sum(n.memory.total for n in plan.nodes))
             for x in plan.excluded:
@@ -429,6 +483,10 @@ class NodeService:
             self.root = None
             self.members = ()
 
+
+
+_SOURCES = {"file": "from its model file", "cache": "from its slice cache",
+            "stream": "streamed from the root"}
 
 
 def _endpoint(text: str):

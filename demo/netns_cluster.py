@@ -74,6 +74,14 @@ def main(model: str, message: str, temperature: str = "0") -> int:
                                           env=dict(os.environ, DLLAMA_NICE="0")))
         print(f"== three boards: network namespaces {SUBNET}.1-{N} on one bridge; "
               "finding each other by mDNS, electing a root, planning", flush=True)
+        # the bars: one per board while its slice loads (stderr), until the cluster serves
+        for _ in range(100):
+            if os.path.exists(os.path.join(work, "board2.sock")):
+                break
+            time.sleep(0.1)
+        subprocess.run([f"{BIN}/dllama-ctl", "status", "--wait", "--wait-timeout", "60",
+                        "--json", "--socket", os.path.join(work, "board2.sock")],
+                       stdout=subprocess.DEVNULL, timeout=90, check=False)
         deadline, s, root = time.monotonic() + 60, {}, None
         while time.monotonic() < deadline:
             s = status(os.path.join(work, "board1.sock"))

@@ -5,6 +5,10 @@ requests and of answers into output, not the daemon.
     with FakeDaemon({"status": lambda req: {...}}) as d:
         ... dllama-ctl --socket d.path status ...
         d.requests       # every request received, in order
+
+chat and generate first ask for the status (they wait for a cluster that is loading):
+without a canned "status", the fake answers one of a serving cluster, counted in
+d.status_requests and not in d.requests.
 """
 from __future__ import annotations
 
@@ -20,12 +24,16 @@ from dllama_node.daemon.control import ControlServer
 # A canned handler: request -> final answer dict, or a list of lines (the last is final).
 Canned = Callable[[dict], Union[dict, List[dict]]]
 
+SERVING = {"node_id": "n1", "state": "serving", "root_id": "n1", "term": 1,
+           "plan": {"model": "fake", "max_seq_len": 64, "nodes": []}, "nodes": []}
+
 
 class FakeDaemon:
     def __init__(self, answers: Dict[str, Canned], line_delay_s: float = 0.0):
         self.answers = answers
         self.line_delay_s = line_delay_s
         self.requests: List[dict] = []
+        self.status_requests: List[dict] = []
         self.cancelled = threading.Event()       # a client closed during a stream
         self.folder = tempfile.mkdtemp(prefix="dlctl-", dir="/tmp")   # short: sun_path
         self.path = os.path.join(self.folder, "control.sock")
@@ -49,7 +57,13 @@ class FakeDaemon:
         return handle
 
     def __enter__(self) -> "FakeDaemon":
-        self.server = ControlServer(self.path, {op: self._handler(op) for op in self.answers})
+        handlers = {op: self._handler(op) for op in self.answers}
+        if "status" not in handlers:
+            async def serving(request: dict, emit) -> dict:
+                self.status_requests.append(request)
+                return dict(SERVING)
+            handlers["status"] = serving
+        self.server = ControlServer(self.path, handlers)
         self.thread.start()
         asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(10)
         return self

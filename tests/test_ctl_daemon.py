@@ -360,3 +360,81 @@ def test_message_reader_blocks_and_continuations():
     assert reader.read() == "x\n\ny"
     assert reader.read() == "unclosed"
     assert reader.read() is None
+
+
+# ---- waiting for a cluster that is loading ----------------------------------------------
+def _loading_status(phase_n1, done_n1, phase_n2, done_n2, serving=False):
+    s = dict(STATUS, state="loading" if not serving else "serving", root_id="pi-a",
+             plan=STATUS["plan"] if serving else None,
+             nodes=[dict(STATUS["nodes"][0], state="serving" if serving else "loading")],
+             loading={"load_id": "5f4c", "done": serving, "plan_table": "...", "nodes": [
+                 {"node_id": "pi-a", "load_id": "5f4c", "phase": phase_n1, "done": done_n1,
+                  "total": 300 << 20, "elapsed_s": 1.0},
+                 {"node_id": "pi-b", "load_id": "5f4c", "phase": phase_n2, "done": done_n2,
+                  "total": 301 << 20, "elapsed_s": 1.0}]})
+    return s
+
+
+def test_status_wait_shows_each_node_loading_until_the_cluster_serves():
+    answers = iter([_loading_status("reading", 100 << 20, "assigned", 0),
+                    _loading_status("loaded", 300 << 20, "streaming", 150 << 20),
+                    _loading_status("loaded", 300 << 20, "loaded", 301 << 20, serving=True)])
+    with FakeDaemon({"status": lambda r: next(answers)}) as d:
+        r = invoke("status", "--socket", d.path, "--wait")
+    assert r.exit_code == 0, r.stderr
+    err = r.stderr.splitlines()
+    assert err[0] == "waiting for the cluster: root pi-a is loading (1 node known)"
+    phases = [(ln.split()[0], ln.split()[2]) for ln in err[1:]]
+    assert phases == [("pi-a", "reading"), ("pi-b", "assigned"), ("pi-a", "loaded"),
+                      ("pi-b", "streaming"), ("pi-b", "loaded")]
+    assert "[########----------------]  33%   100.0 MiB of 300.0 MiB" in err[1]
+    assert len(d.requests) == 3
+    assert "slices loaded (load 5f4c):" in r.stdout          # the table, then the loads
+    assert "pi-b  worker   loaded     [########################] 100%   301.0 MiB" in r.stdout
+
+
+def test_generate_waits_for_the_cluster_then_generates():
+    answers = iter([_loading_status("reading", 1, "assigned", 0),
+                    _loading_status("loaded", 300 << 20, "loaded", 301 << 20, serving=True)])
+    with FakeDaemon({"status": lambda r: next(answers),
+                     "generate": lambda r: streamed(["Once"])}) as d:
+        r = invoke("generate", "--socket", d.path, "hello")
+    assert r.exit_code == 0, r.stderr
+    assert [q["op"] for q in d.requests] == ["status", "status", "generate"]
+    assert r.stdout == "Once\n"
+    assert "pi-b  worker   loaded" in r.stderr
+
+
+def test_not_serving_with_no_wait_is_an_error_that_says_what_the_cluster_does():
+    with FakeDaemon({"status": lambda r: _loading_status("reading", 1, "assigned", 0),
+                     "generate": lambda r: streamed(["x"])}) as d:
+        r = invoke("generate", "--socket", d.path, "--wait-timeout", "0", "hello")
+        assert r.exit_code == errors.EXIT_CLUSTER
+        assert "the cluster is not serving: waiting for the cluster: root pi-a is loading" \
+            in r.stderr and "--wait-timeout" in r.stderr
+        r = invoke("chat", "--socket", d.path, "--wait-timeout", "0.6", stdin="hi\n")
+    assert r.exit_code == errors.EXIT_CLUSTER
+    assert "not serving after 0.6 s; waiting for the cluster: root pi-a is loading" in r.stderr
+    assert "generate" not in [q["op"] for q in d.requests]
+
+
+def test_status_wait_waits_for_a_daemon_that_is_starting(tmp_path):
+    path = str(tmp_path / "late.sock")
+    result = {}
+
+    def run():
+        result["r"] = invoke("status", "--socket", path, "--wait", "--wait-timeout", "20",
+                             "--json")
+    with FakeDaemon({"status": lambda r: dict(STATUS)}) as d:
+        t = threading.Thread(target=run)
+        t.start()
+        import os
+        import time
+        time.sleep(0.6)                        # the daemon is not there yet
+        os.symlink(d.path, path)               # now it is
+        t.join(30)
+    r = result["r"]
+    assert r.exit_code == 0, r.stderr
+    assert r.stderr.startswith(f"waiting for dllama-node: no control socket at {path}")
+    assert r.stderr.count("no control socket") == 1
+    assert json.loads(r.stdout)["root_id"] == "pi-a"
