@@ -26,6 +26,9 @@ cleanup() {
 trap cleanup EXIT
 tar -C "$root" -xf "$tarball"
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+# a network that inspects TLS has its own authority in the host's bundle: pip gets it too
+# (PIP_CERT below); that is a property of the network, not of the set-up being timed
+cp /etc/ssl/certs/ca-certificates.crt "$root/etc/host-ca-bundle.crt"
 git clone -q . "$root/root/dllama-node"
 echo "== a fresh bookworm (minbase + systemd) in $root: $(chroot "$root" sh -c \
   'command -v python3 gcc || true' | wc -l) of python3, gcc present; running bash scripts/run"
@@ -34,12 +37,14 @@ start=$(date +%s.%N)
 rc=0
 unshare --mount --propagation private bash -c '
   set -e
+  mount --bind "$0" "$0"          # a mount point as the root, as on a booted machine (ip netns)
   mount -t proc proc "$0/proc"
   mount --rbind /sys "$0/sys"
   mount --rbind /dev "$0/dev"
   mount -t tmpfs tmpfs "$0/run"
   mount -t tmpfs tmpfs "$0/tmp"
   exec chroot "$0" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM=dumb \
+    PIP_CERT=/etc/host-ca-bundle.crt \
     PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     bash -c "cd /root/dllama-node && bash scripts/run"' "$root" || rc=$?
 end=$(date +%s.%N)
