@@ -98,7 +98,7 @@ def main(model: str, message: str, temperature: str = "0") -> int:
                         os.path.join(work, f"{asker}.sock")], check=False)
         print(f"\n== one chat turn, typed on {asker} (the root is {root}; the request is "
               "forwarded to it)", flush=True)
-        print(f"user> {message}")
+        print(f"user> {message}", flush=True)
         r = subprocess.run([f"{BIN}/dllama-ctl", "chat", "--socket",
                             os.path.join(work, f"{asker}.sock"), "--temperature", temperature],
                            input=message + "\n", text=True, timeout=120)
