@@ -226,13 +226,15 @@ def generate(model_path, tokenizer_path, threads, max_seq_len, temperature, top_
 @cli.command()
 @model_options(required=False)
 @sampler_options
+@cluster_options
 @socket_option
 @click.option("--system", default=None, help="System prompt for the conversation.")
 @click.option("--max-tokens", "-n", type=int, default=512, show_default=True,
               help="Most tokens per answer.")
 @wait_option(600.0)
 def chat(model_path, tokenizer_path, threads, max_seq_len, temperature, top_k, top_p,
-         repetition_penalty, seed, socket_path, system, max_tokens, wait_s):
+         repetition_penalty, seed, nodes, split, wire, stream_weights, socket_path, system,
+         max_tokens, wait_s):
     """Talk with the model. Type a message and press Enter.
 
     \b
@@ -246,12 +248,14 @@ def chat(model_path, tokenizer_path, threads, max_seq_len, temperature, top_k, t
     \b
     Without --model, the chat goes through the dllama-node service (works on any node):
       dllama-ctl chat --system "Answer in one sentence."
-    With --model, the model runs in this process:
+    With --model, the model runs in this process (or --nodes N processes on this machine):
       dllama-ctl chat --model small.gguf
+      dllama-ctl chat --model small.gguf --nodes 3
     """
     if model_path is None:
         from dllama_node.ctl import remote_commands
-        _no_local_options(tokenizer=tokenizer_path, threads=threads, max_seq_len=max_seq_len)
+        _no_local_options(tokenizer=tokenizer_path, threads=threads, max_seq_len=max_seq_len,
+                          nodes=nodes, split=split, wire=wire, stream_weights=stream_weights)
         params = remote_commands.generation_params(temperature, top_k, top_p,
                                                    repetition_penalty, seed, max_tokens)
         remote_commands.chat(_client(socket_path), params, system, wait_s)
@@ -260,7 +264,8 @@ def chat(model_path, tokenizer_path, threads, max_seq_len, temperature, top_k, t
         model_path=model_path, tokenizer_path=tokenizer_path, threads=threads,
         max_seq_len=max_seq_len,
         sampler=local_commands.sampler_settings(temperature, top_k, top_p, repetition_penalty, seed),
-        system=system, max_tokens=max_tokens)
+        system=system, max_tokens=max_tokens, nodes=nodes, split=split, wire=wire,
+        stream_weights=stream_weights)
 
 
 @cli.command()

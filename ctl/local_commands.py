@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Optional, Sequence
@@ -86,61 +87,73 @@ def generate(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerS
 
 
 def chat(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerSettings,
-         system: Optional[str], max_tokens: int) -> None:
+         system: Optional[str], max_tokens: int, nodes: int = 1, split: Optional[str] = None,
+         wire: str = "q8_0", stream_weights: bool = False) -> None:
+    """The same chat as through the service (ctl/chat_repl.py: multi-line input, /reset,
+    /system, /help, Ctrl-C, history), answered by the model on this machine: one process,
+    or --nodes N processes over loopback."""
+    from dllama_node.ctl.chat_repl import ChatSession, run_chat, setup_history
     from dllama_node.engine.text import TextStream
 
     sampler_ = Sampler(sampler)
-    with _open(model_path, tokenizer_path, threads, max_seq_len) as node:
+    if max_tokens < 0:
+        raise UsageError(f"max-tokens {max_tokens}: expected 0 or more")
+    with _open(model_path, tokenizer_path, threads, max_seq_len, False, nodes, split, wire,
+               stream_weights=stream_weights) as node:
         tok = node.tokenizer
-        messages = [{"role": "system", "content": system}] if system else []
-        interactive = sys.stdin.isatty()
-        click.echo("Chat with the model. /reset forgets, /system TEXT sets the system prompt, "
-                   "/exit leaves; Ctrl-C stops an answer.", err=True)
-        while True:
-            try:
-                line = input("> ") if interactive else sys.stdin.readline()
-            except EOFError:
-                break
-            if not interactive and line == "":
-                break
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            if line.strip() in ("/exit", "/quit"):
-                break
-            if line.strip() == "/reset":
-                messages = [m for m in messages if m["role"] == "system"]
-                node.session.reset()
-                click.echo("(conversation forgotten)", err=True)
-                continue
-            if line.startswith("/system"):
-                system = line[len("/system"):].strip()
-                messages = [{"role": "system", "content": system}] if system else []
-                node.session.reset()
-                click.echo("(system prompt set; conversation started over)", err=True)
-                continue
-            messages.append({"role": "user", "content": line})
+
+        def send(messages):
             ids = tok.encode_chat(messages, add_generation_prompt=True)
             room = node.seq_len - len(ids) - 1
             if room <= 0:
-                click.echo(f"(the conversation has {len(ids)} tokens and fills the context of "
-                           f"{node.seq_len}: /reset to start over)", err=True)
-                messages.pop()
-                continue
+                raise UsageError(f"the conversation has {len(ids)} tokens and fills the "
+                                 f"context of {node.seq_len}: /reset to start over")
+            limit = min(max_tokens, room)
             stream = TextStream(tok, [])
-            gen = node.generate(ids, min(max_tokens, room), sampler_, _stop_ids(tok),
-                                vocab_limit=tok.vocab_size)
+            stops = _stop_ids(tok)
+            out = []
+            gen = node.generate(ids, limit, sampler_, stops, vocab_limit=tok.vocab_size)
             try:
                 for token in gen:
+                    out.append(int(token))
                     piece = stream.push(token)
                     if piece:
-                        click.echo(piece, nl=False)
-            except KeyboardInterrupt:
-                click.echo(" [stopped]", err=True)
+                        yield {"token": int(token), "text": piece}
             finally:
                 gen.close()
-            click.echo(stream.flush())
-            messages.append({"role": "assistant", "content": stream.text})
+            tail = stream.flush()
+            if tail:
+                yield {"token": None, "text": tail}
+            ended = len(out) < limit or (out and out[-1] in stops)
+            yield {"done": True, "text": stream.text, "tokens": out,
+                   "finish_reason": "stop" if ended else "length"}
+
+        def write(text: str) -> None:
+            click.echo(text, nl=False)
+            sys.stdout.flush()
+
+        def note(text: str) -> None:
+            click.echo(text, err=True)
+
+        interactive = sys.stdin.isatty()
+        where = f"{nodes} nodes of this machine" if nodes > 1 else "this machine"
+        save_history = setup_history() if interactive else None
+        if interactive:
+            read_line = input
+            note(f"Chat with {os.path.basename(model_path)} on {where}. /help lists the "
+                 "commands; Ctrl-C stops an answer, Ctrl-D leaves.")
+        else:
+            def read_line(prompt: str) -> str:
+                line = sys.stdin.readline()
+                if line == "":
+                    raise EOFError
+                return line.rstrip("\n")
+        try:
+            run_chat(ChatSession(send, write, note, system), read_line, note,
+                     interactive=interactive)
+        finally:
+            if save_history is not None:
+                save_history()
 
 
 def bench(model_path, tokenizer_path, threads, max_seq_len, prompt_tokens: int, gen_tokens: int,

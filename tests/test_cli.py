@@ -178,3 +178,21 @@ def test_node_check_reports_capacity():
     d = json.loads(r.stdout)
     assert d["available_ram_bytes"] > 0 and d["cores"] >= 1
     assert d["kernel_path"] in d["kernel_paths_available"]
+
+
+def test_chat_on_three_local_nodes_answers_as_one_node():
+    """chat --nodes 3: the same REPL as through the service (a \"\"\" block of two lines is
+    one message), answered by 3 processes over loopback, greedy: the tokens of 1 node."""
+    model = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "demo", "stories.gguf")
+    message = "Tell me a story\nabout a fox."
+    one = run_ctl("generate", "--model", model, "--chat-format", "--temperature", "0",
+                  "-n", "60", "--prompt", message)
+    assert one.returncode == 0, one.stderr
+    r = run_ctl("chat", "--model", model, "--nodes", "3", "--temperature", "0", "-n", "60",
+                stdin='"""\nTell me a story\nabout a fox.\n"""\n/help\n/exit\n')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == one.stdout.strip() and r.stdout.startswith("Once upon a time")
+    assert "/reset" in r.stderr and "[stopped at max tokens]" in r.stderr
+    bad = run_ctl("chat", "--nodes", "3")                  # no model: the service has its own
+    assert bad.returncode == errors.EXIT_USAGE and "--nodes needs --model" in bad.stderr
