@@ -23,6 +23,9 @@ wire = q8(dim) when dim is whole blocks else 4 * dim, rb(type, k) = bytes of a k
               xq (q8_0 of xb, input of Q/K/V, gate/up, classifier):  b * q8(dim)
               sync_send: b * wire; sync_recv: b * wire * peers (a star all-reduce: the root
                   receives from every other slice node, a worker receives the sum)
+              sync_mesh (the all-gather mesh, the default: a frame per node of the
+                  exchange, a coordinator included, cluster/mesh.py):
+                  n_exchange_nodes * (16 + b * wire), none for a node alone
               q, k, v, att_out: b * (2 * n_q_heads + 2 * n_kv_heads) * head_dim * 4
               att (scores): b * n_q_heads * seq_len * 4; att_out_q: b * q8(n_q_heads * head_dim)
               rope (inverse frequencies): head_dim / 2 * 4 when the node has heads
@@ -37,7 +40,7 @@ wire = q8(dim) when dim is whole blocks else 4 * dim, rb(type, k) = bytes of a k
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Mapping
+from typing import Dict, Mapping, Optional
 
 from dllama_node.model import quants
 
@@ -119,10 +122,18 @@ def kv_cache_bytes(layout: ModelLayout, n_kv_heads: int, seq_len: int, kv_bytes_
     return 2 * c.n_layers * int(seq_len) * n_kv_heads * c.head_dim * int(kv_bytes_per_value)
 
 
+MESH_FRAME_HEADER_BYTES = 16      # cluster/protocol.py HEADER: magic, version, kind, length
+
+
 def buffer_bytes(layout: ModelLayout, counts: SliceCounts, *, seq_len: int, role: str,
-                 n_slice_nodes: int, batch_size: int = 1) -> Dict[str, int]:
-    """Activation buffers by name (see the module docstring for each formula)."""
+                 n_slice_nodes: int, batch_size: int = 1,
+                 n_exchange_nodes: Optional[int] = None) -> Dict[str, int]:
+    """Activation buffers by name (see the module docstring for each formula).
+    n_exchange_nodes: the nodes of the all-gather (default: the slice nodes, and the
+    coordinator when this node is one)."""
     c = layout.config
+    if n_exchange_nodes is None:
+        n_exchange_nodes = n_slice_nodes + (1 if role == ROLE_COORDINATOR else 0)
     b = int(batch_size)
     hd = c.head_dim
     wire = wire_row_bytes(c.dim)
@@ -139,6 +150,8 @@ def buffer_bytes(layout: ModelLayout, counts: SliceCounts, *, seq_len: int, role
         "xq": b * q8_bytes(c.dim),
         "sync_send": b * wire,
         "sync_recv": b * wire * peers,
+        "sync_mesh": (n_exchange_nodes * (MESH_FRAME_HEADER_BYTES + b * wire)
+                      if n_exchange_nodes > 1 else 0),
         "q": b * counts.n_q_heads * hd * F32_BYTES,
         "k": b * counts.n_kv_heads * hd * F32_BYTES,
         "v": b * counts.n_kv_heads * hd * F32_BYTES,
@@ -159,14 +172,16 @@ def buffer_bytes(layout: ModelLayout, counts: SliceCounts, *, seq_len: int, role
 
 
 def memory_need(layout: ModelLayout, counts: SliceCounts, *, seq_len: int, role: str, n_slice_nodes: int,
-                kv_bytes_per_value: int = 4, reserve_bytes: int = 0, batch_size: int = 1) -> MemoryNeed:
+                kv_bytes_per_value: int = 4, reserve_bytes: int = 0, batch_size: int = 1,
+                n_exchange_nodes: Optional[int] = None) -> MemoryNeed:
     """Everything a node with this slice and role holds at max_seq_len `seq_len`."""
     holds_layers = role != ROLE_COORDINATOR
     return MemoryNeed(
         weights_by_group=weight_bytes(layout, counts, holds_layers),
         kv_cache=kv_cache_bytes(layout, counts.n_kv_heads, seq_len, kv_bytes_per_value),
         buffers_by_name=buffer_bytes(layout, counts, seq_len=seq_len, role=role,
-                                     n_slice_nodes=n_slice_nodes, batch_size=batch_size),
+                                     n_slice_nodes=n_slice_nodes, batch_size=batch_size,
+                                     n_exchange_nodes=n_exchange_nodes),
         reserve=int(reserve_bytes))
 
 

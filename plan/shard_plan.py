@@ -198,11 +198,13 @@ class Planner:
         return best
 
     def need(self, counts: SliceCounts, role: str, seq_len: int, n_slice_nodes: int,
-             layout: Optional[ModelLayout] = None) -> MemoryNeed:
+             layout: Optional[ModelLayout] = None, coordinated: bool = False) -> MemoryNeed:
+        """coordinated: a coordinator takes part in the exchange besides the slice nodes."""
         o = self.options
         return memory_need(layout or self.layout, counts, seq_len=seq_len, role=role,
                            n_slice_nodes=n_slice_nodes, kv_bytes_per_value=o.kv_bytes_per_value,
-                           reserve_bytes=o.reserve_bytes, batch_size=o.batch_size)
+                           reserve_bytes=o.reserve_bytes, batch_size=o.batch_size,
+                           n_exchange_nodes=n_slice_nodes + (1 if coordinated else 0))
 
     def smallest_counts(self, layout: Optional[ModelLayout] = None) -> SliceCounts:
         """One unit of each kind, with the most KV heads one attention unit can read."""
@@ -254,7 +256,8 @@ class _Attempt:
              n_slice_nodes: Optional[int] = None) -> MemoryNeed:
         role = role or (ROLE_ROOT if i == 0 else ROLE_WORKER)
         n = len(self.members) if n_slice_nodes is None else n_slice_nodes
-        return self.planner.need(counts, role, self.seq_len, n, self.layout)
+        return self.planner.need(counts, role, self.seq_len, n, self.layout,
+                                 coordinated=bool(self.root_coordinates))
 
     def too_small(self, i: int, need: MemoryNeed) -> Shortfall:
         node_id = self.caps[i].node_id

@@ -478,3 +478,24 @@ def test_memory_need_is_linear_in_blocks():
     ten = memory_need(layout, SliceCounts(n_ffn_rows=320), seq_len=512, role="worker", n_slice_nodes=3)
     assert ten.total - base.total == 10 * (one.total - base.total)
     assert one.total - base.total == 22 * (2 * 32 * Q4_ROW_2048 + 2048 * 18) + 32 * 4 * 2 + 34
+
+
+def test_the_mesh_frames_are_counted_on_every_node_of_the_exchange():
+    """The all-gather mesh (cluster/mesh.py, the default) keeps a frame per node of the
+    exchange on every node: n * (header + batch * wire row bytes), the coordinator too."""
+    from dllama_node.cluster.protocol import HEADER
+    from dllama_node.plan.accounting import MESH_FRAME_HEADER_BYTES
+
+    assert MESH_FRAME_HEADER_BYTES == HEADER.size
+    frame = HEADER.size + 64 * 34                       # one q8_0 row of dim 2048, batch 1
+    alone = plan_shards(tiny(), nodes(1))
+    assert alone.nodes[0].memory.buffers_by_name["sync_mesh"] == 0
+    three = plan_shards(tiny(), nodes(3, 2 * GiB))
+    assert [s.memory.buffers_by_name["sync_mesh"] for s in three.nodes] == [3 * frame] * 3
+    five = plan_shards(tiny(), nodes(5, 2 * GiB))
+    assert {s.memory.buffers_by_name["sync_mesh"] for s in five.nodes} == {5 * frame}
+    coordinated = plan_shards(tiny(), [node("big", 8 * GiB, coordinator_only=True)] + nodes(2))
+    assert [s.role for s in coordinated.nodes] == ["coordinator", "worker", "worker"]
+    assert [s.memory.buffers_by_name["sync_mesh"] for s in coordinated.nodes] == [3 * frame] * 3
+    batched = plan_shards(tiny(), nodes(2, 2 * GiB), PlanOptions(batch_size=7))
+    assert batched.nodes[1].memory.buffers_by_name["sync_mesh"] == 2 * (HEADER.size + 7 * 64 * 34)

@@ -131,7 +131,7 @@ def test_plans_tile_fit_and_add_up(problem):
         again = memory_need(layout, SliceCounts(s.n_q_heads, s.n_kv_heads, s.n_ffn_rows, s.n_vocab_rows),
                             seq_len=seq, role=s.role, n_slice_nodes=n_slice,
                             kv_bytes_per_value=opts.kv_bytes_per_value, reserve_bytes=opts.reserve_bytes,
-                            batch_size=opts.batch_size)
+                            batch_size=opts.batch_size, n_exchange_nodes=len(plan.nodes))
         assert (again.weights, again.kv_cache, again.buffers, again.total) == (
             m.weights, m.kv_cache, m.buffers, m.total)
         if s.role == "coordinator":

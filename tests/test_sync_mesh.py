@@ -74,6 +74,10 @@ def test_every_node_gets_the_same_bits_as_the_fake(n_nodes, n, dim, batch, wire,
     rounds = [[rng.normal(size=(n, dim)).astype(np.float32) for _ in range(n_nodes)]
               for _ in range(3)]
     meshes = [MeshExchange(links[i], i, dim, batch, wire) for i in range(n_nodes)]
+    if wire == "q8_0":              # the frames are what the plan counts (sync_mesh)
+        from dllama_node.plan.accounting import MESH_FRAME_HEADER_BYTES, wire_row_bytes
+        assert all(m.frames.nbytes == n_nodes * (MESH_FRAME_HEADER_BYTES
+                                                 + batch * wire_row_bytes(dim)) for m in meshes)
 
     def node(i):
         out = []
