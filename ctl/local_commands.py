@@ -22,14 +22,15 @@ def sampler_settings(temperature, top_k, top_p, repetition_penalty, seed) -> Sam
 
 
 def _open(model_path, tokenizer_path, threads, max_seq_len, quiet=False, nodes=1, split=None,
-          wire="q8_0", load_tokenizer=True, stream_weights=False):
+          wire="q8_0", load_tokenizer=True, stream_weights=False, sync=None):
     from dllama_node.cluster.planning import parse_split
     from dllama_node.ctl.runner import open_runner
 
     if nodes < 1:
         raise UsageError(f"--nodes {nodes}: expected 1 or more")
     return open_runner(model_path, tokenizer_path, threads, max_seq_len, nodes,
-                       parse_split(split, nodes), wire, quiet, load_tokenizer, stream_weights)
+                       parse_split(split, nodes), wire, quiet, load_tokenizer, stream_weights,
+                       sync)
 
 
 def _stop_ids(tok) -> set:
@@ -42,14 +43,15 @@ def _stop_ids(tok) -> set:
 def generate(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerSettings,
              prompt: str, max_tokens: int, stop: Sequence[str], chat_format: bool,
              as_json: bool, nodes: int = 1, split: Optional[str] = None,
-             wire: str = "q8_0", stream_weights: bool = False) -> None:
+             wire: str = "q8_0", stream_weights: bool = False,
+             sync: Optional[str] = None) -> None:
     from dllama_node.engine.text import TextStream
 
     if max_tokens < 0:
         raise UsageError(f"max-tokens {max_tokens}: expected 0 or more")
     sampler_ = Sampler(sampler)  # validates before the model loads
     with _open(model_path, tokenizer_path, threads, max_seq_len, as_json, nodes, split,
-               wire, stream_weights=stream_weights) as node:
+               wire, stream_weights=stream_weights, sync=sync) as node:
         tok = node.tokenizer
         if chat_format:
             ids = tok.encode_chat([{"role": "user", "content": prompt}])
@@ -88,7 +90,7 @@ def generate(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerS
 
 def chat(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerSettings,
          system: Optional[str], max_tokens: int, nodes: int = 1, split: Optional[str] = None,
-         wire: str = "q8_0", stream_weights: bool = False) -> None:
+         wire: str = "q8_0", stream_weights: bool = False, sync: Optional[str] = None) -> None:
     """The same chat as through the service (ctl/chat_repl.py: multi-line input, /reset,
     /system, /help, Ctrl-C, history), answered by the model on this machine: one process,
     or --nodes N processes over loopback."""
@@ -99,7 +101,7 @@ def chat(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerSetti
     if max_tokens < 0:
         raise UsageError(f"max-tokens {max_tokens}: expected 0 or more")
     with _open(model_path, tokenizer_path, threads, max_seq_len, False, nodes, split, wire,
-               stream_weights=stream_weights) as node:
+               stream_weights=stream_weights, sync=sync) as node:
         tok = node.tokenizer
 
         def send(messages):
@@ -158,13 +160,13 @@ def chat(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerSetti
 
 def bench(model_path, tokenizer_path, threads, max_seq_len, prompt_tokens: int, gen_tokens: int,
           as_json: bool, nodes: int = 1, split: Optional[str] = None, wire: str = "q8_0",
-          stream_weights: bool = False) -> None:
+          stream_weights: bool = False, sync: Optional[str] = None) -> None:
     from dllama_node import kernels
 
     t0 = time.perf_counter()
     need = prompt_tokens + gen_tokens + 1
     with _open(model_path, tokenizer_path, threads, max_seq_len or need, as_json, nodes, split,
-               wire, load_tokenizer=False, stream_weights=stream_weights) as node:
+               wire, load_tokenizer=False, stream_weights=stream_weights, sync=sync) as node:
         load_s = time.perf_counter() - t0
         vocab = node.session.transformer.cfg.vocab_size
         rng = np.random.default_rng(0)
@@ -209,6 +211,7 @@ def bench(model_path, tokenizer_path, threads, max_seq_len, prompt_tokens: int, 
                 "compute_ms_per_token": {k: round(1000 * d["compute_s"] / max(d["steps"], 1), 3)
                                          for k, d in per_node.items()},
                 "wire": wire,
+                "sync": node.root.sync_mode,
                 "wire_bytes_per_token": (st.bytes_sent + st.bytes_received) // steps,
                 "per_node": [{"node_id": r.node_id, "role": r.role,
                               "planned_bytes": r.planned_bytes, "rss_bytes": r.rss_bytes,

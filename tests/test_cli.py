@@ -196,3 +196,23 @@ def test_chat_on_three_local_nodes_answers_as_one_node():
     assert "/reset" in r.stderr and "[stopped at max tokens]" in r.stderr
     bad = run_ctl("chat", "--nodes", "3")                  # no model: the service has its own
     assert bad.returncode == errors.EXIT_USAGE and "--nodes needs --model" in bad.stderr
+
+
+@pytest.mark.parametrize("flag, mode", [((), "mesh"), (("--sync", "star"), "star"),
+                                        (("--sync", "mesh"), "mesh")])
+def test_bench_on_two_nodes_says_which_all_reduce_it_measured(tiny, flag, mode):
+    r = run_ctl("bench", "--model", tiny, "--nodes", "2", "--prompt-tokens", "8",
+                "--gen-tokens", "4", "--json", *flag)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["sync"] == mode and d["nodes"] == 2 and d["sync_ms_per_token"] is not None
+    # the star sends the sum back from the root; the mesh sends every part to every node:
+    # with 2 nodes both move one frame each way per all-reduce
+    assert d["wire_bytes_per_token"] > 0
+
+
+def test_sync_needs_a_local_cluster_and_a_known_name(tiny):
+    r = run_ctl("generate", "--sync", "star", "hello")
+    assert r.returncode == errors.EXIT_USAGE and "--sync needs --model" in r.stderr
+    r = run_ctl("bench", "--model", tiny, "--nodes", "2", "--sync", "ring")
+    assert r.returncode == errors.EXIT_USAGE and "ring" in r.stderr
