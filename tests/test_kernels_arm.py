@@ -389,3 +389,25 @@ def test_attention_matches_reference(harness, tmp_path, target, cpu):
     reference.attention(q, k_cache, v_cache, start_pos, head_dim, kv_group, want,
                         q_head0=q_head0, kv_head0=kv_head0)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6, err_msg="attention")
+
+
+@pytest.mark.parametrize("target, cpu", OPS_CPUS)
+def test_the_mesh_sum_has_numpys_bits(harness, tmp_path, target, cpu):
+    """kernels/src/wire_sum.h: every node of a mixed x86/ARM cluster holds the same sum, so
+    the ARM build must round each product and each sum on its own (no fused multiply-add,
+    which aarch64 compilers use by default) and match numpy bit for bit."""
+    rng = np.random.default_rng(11)
+    n_parts, n, dim = 5, 3, 96                           # 3 blocks a row, not a power of two
+    scales = (rng.standard_normal((n_parts, n, dim // 32)) * 0.05).astype(np.float16)
+    qs = rng.integers(-127, 128, size=(n_parts, n, dim // 32, 32), dtype=np.int8)
+    blocks = np.zeros((n_parts, n, dim // 32, 34), np.uint8)
+    blocks[..., :2] = scales.view(np.uint8).reshape(n_parts, n, dim // 32, 2)
+    blocks[..., 2:] = qs.view(np.uint8)
+    got = _run_op(harness, target, cpu, tmp_path, "sum_parts_q8_0", [n_parts, n, dim],
+                  [blocks], (n, dim))
+    decoded = (qs.astype(np.float32) * scales.astype(np.float32)[..., None]).reshape(
+        n_parts, n, dim)
+    want = decoded[0].copy()
+    for p in range(1, n_parts):
+        want += decoded[p]                               # node order, float32 each step
+    assert got.tobytes() == want.tobytes(), np.abs(got - want).max()

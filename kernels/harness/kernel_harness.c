@@ -24,6 +24,9 @@
  *   kernel_harness attention N START_POS N_HEADS HEAD_DIM KV_GROUP Q_HEAD0 KV_HEAD0
  *                            N_LOCAL_KV SEQ_LEN THREADS Q K V OUT
  *       rows are contiguous for the ops (ld = row length).
+ *   kernel_harness sum_parts_q8_0 N_PARTS N DIM X OUT
+ *       the mesh all-reduce's sum (wire_sum.h): N_PARTS parts of N q8_0 rows of DIM
+ *       values, contiguous in X; OUT = N x DIM floats, parts added in order
  *
  * PATH is a dl_isa name ("neon", "neon-dotprod", "armhf-neon", "scalar", ...) or "best".
  * The path used is printed as "path NAME". Exit status: 0 done, 2 usage or input error,
@@ -35,6 +38,7 @@
 #include <string.h>
 
 #include "dl_kernels.h"
+#include "wire_sum.h"
 
 enum { EXIT_USAGE = 2, EXIT_UNSUPPORTED = 3, EXIT_NOT_BUILT = 4 };
 
@@ -231,6 +235,18 @@ static int cmd_ops(int argc, char **argv) {
 }
 #endif
 
+static int cmd_sum_parts(int argc, char **argv) {
+    if (argc != 7) die(EXIT_USAGE, "%s: wrong number of arguments", argv[1]);
+    int64_t n_parts = parse_i64(argv[2]), n = parse_i64(argv[3]), dim = parse_i64(argv[4]);
+    if (dim % DL_QK != 0) die(EXIT_USAGE, "DIM %s is not whole q8_0 blocks", argv[4]);
+    int64_t row = dim / DL_QK * DL_Q8_0_BYTES;
+    uint8_t *x = read_exact(argv[5], n_parts * n * row);
+    float *out = output_buffer(argv[6], 4 * n * dim);
+    dl_sum_parts_q8_0(x, n * row, row, n_parts, n, dim, out, dim);
+    write_all(argv[6], out, 4 * n * dim);
+    return 0;
+}
+
 static int cmd_info(void) {
     const dl_isa *best = dl_isa_best();
     printf("best %s\n", best->name != NULL ? best->name : "(none)");
@@ -241,12 +257,13 @@ static int cmd_info(void) {
 
 int main(int argc, char **argv) {
     if (argc < 2) die(EXIT_USAGE, "usage: kernel_harness %s ...",
-                      "info|gemm|matmul|quantize|rmsnorm|rope|softmax|silu_mul|attention");
+                      "info|gemm|matmul|quantize|sum_parts_q8_0|rmsnorm|rope|softmax|silu_mul|attention");
     const char *cmd = argv[1];
     if (strcmp(cmd, "info") == 0) return cmd_info();
     if (strcmp(cmd, "gemm") == 0) return cmd_gemm(argc, argv, 0);
     if (strcmp(cmd, "matmul") == 0) return cmd_gemm(argc, argv, 1);
     if (strcmp(cmd, "quantize") == 0) return cmd_quantize(argc, argv);
+    if (strcmp(cmd, "sum_parts_q8_0") == 0) return cmd_sum_parts(argc, argv);
     if (strcmp(cmd, "rmsnorm") == 0 || strcmp(cmd, "rope") == 0 ||
         strcmp(cmd, "softmax") == 0 || strcmp(cmd, "silu_mul") == 0 ||
         strcmp(cmd, "attention") == 0) {
