@@ -213,3 +213,39 @@ def run_chat(session: ChatSession, read_line: ReadLine, note: Callable[[str], No
             if not interactive:
                 raise
             note(f"error: {e}")
+
+
+def chat_in_terminal(send: Callable[[List[Dict[str, str]]], Iterator[dict]],
+                     system: Optional[str], greeting: str) -> None:
+    """The whole chat on this process's terminal: answers to stdout as they stream, notes
+    to stderr, readline history when stdin is a terminal (else one message per line of
+    stdin, errors end the command). Shared by the chat through the service and the chat
+    with a local model; `send` is what differs."""
+    import sys
+
+    import click
+
+    def write(text: str) -> None:
+        click.echo(text, nl=False)
+        sys.stdout.flush()
+
+    def note(text: str) -> None:
+        click.echo(text, err=True)
+
+    interactive = sys.stdin.isatty()
+    save_history = setup_history() if interactive else None
+    if interactive:
+        read_line: ReadLine = input
+        note(f"{greeting} /help lists the commands; Ctrl-C stops an answer, Ctrl-D leaves.")
+    else:
+        def read_line(prompt: str) -> str:
+            line = sys.stdin.readline()
+            if line == "":
+                raise EOFError
+            return line.rstrip("\n")
+    try:
+        run_chat(ChatSession(send, write, note, system), read_line, note,
+                 interactive=interactive)
+    finally:
+        if save_history is not None:
+            save_history()

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from typing import Optional, Sequence
 
@@ -94,7 +93,7 @@ def chat(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerSetti
     """The same chat as through the service (ctl/chat_repl.py: multi-line input, /reset,
     /system, /help, Ctrl-C, history), answered by the model on this machine: one process,
     or --nodes N processes over loopback."""
-    from dllama_node.ctl.chat_repl import ChatSession, run_chat, setup_history
+    from dllama_node.ctl.chat_repl import chat_in_terminal
     from dllama_node.engine.text import TextStream
 
     sampler_ = Sampler(sampler)
@@ -130,32 +129,8 @@ def chat(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerSetti
             yield {"done": True, "text": stream.text, "tokens": out,
                    "finish_reason": "stop" if ended else "length"}
 
-        def write(text: str) -> None:
-            click.echo(text, nl=False)
-            sys.stdout.flush()
-
-        def note(text: str) -> None:
-            click.echo(text, err=True)
-
-        interactive = sys.stdin.isatty()
         where = f"{nodes} nodes of this machine" if nodes > 1 else "this machine"
-        save_history = setup_history() if interactive else None
-        if interactive:
-            read_line = input
-            note(f"Chat with {os.path.basename(model_path)} on {where}. /help lists the "
-                 "commands; Ctrl-C stops an answer, Ctrl-D leaves.")
-        else:
-            def read_line(prompt: str) -> str:
-                line = sys.stdin.readline()
-                if line == "":
-                    raise EOFError
-                return line.rstrip("\n")
-        try:
-            run_chat(ChatSession(send, write, note, system), read_line, note,
-                     interactive=interactive)
-        finally:
-            if save_history is not None:
-                save_history()
+        chat_in_terminal(send, system, f"Chat with {os.path.basename(model_path)} on {where}.")
 
 
 def bench(model_path, tokenizer_path, threads, max_seq_len, prompt_tokens: int, gen_tokens: int,

@@ -92,40 +92,13 @@ def chat(client: DaemonClient, params: dict, system: Optional[str],
          wait_s: float = DEFAULT_WAIT_S) -> None:
     """The interactive chat (ctl/chat_repl.py) with answers from the daemon, once the
     cluster serves (waited for, with progress bars, up to wait_s)."""
-    from dllama_node.ctl.chat_repl import ChatSession, run_chat, setup_history
+    from dllama_node.ctl.chat_repl import chat_in_terminal
 
-    interactive = sys.stdin.isatty()
     wait_for_cluster(client, wait_s)
 
     def send(messages):
         return client.generate(dict(params, messages=messages))
-
-    def write(text: str) -> None:
-        click.echo(text, nl=False)
-        sys.stdout.flush()
-
-    def note(text: str) -> None:
-        click.echo(text, err=True)
-
-    if interactive:
-        save_history = setup_history()
-        read_line = input
-        note("Chat through the dllama-node cluster. /help lists the commands; Ctrl-C stops "
-             "an answer, Ctrl-D leaves.")
-    else:
-        save_history = None
-
-        def read_line(prompt: str) -> str:
-            line = sys.stdin.readline()
-            if line == "":
-                raise EOFError
-            return line.rstrip("\n")
-    session = ChatSession(send, write, note, system)
-    try:
-        run_chat(session, read_line, note, interactive=interactive)
-    finally:
-        if save_history is not None:
-            save_history()
+    chat_in_terminal(send, system, "Chat through the dllama-node cluster.")
 
 
 def status(client: DaemonClient, as_json: bool, wait_s: Optional[float] = None) -> None:
