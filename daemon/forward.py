@@ -106,14 +106,16 @@ class ForwardServer:
 
 
 async def forward(host: str, port: int, key: bytes, cluster: str, node_id: str, request: dict,
-                  emit: Callable[[dict], Awaitable[None]], timeout_s: float = 600.0) -> dict:
+                  emit: Callable[[dict], Awaitable[None]], timeout_s: float = 600.0,
+                  who: str = "the root") -> dict:
     """Send `request` to the node at host:port; stream its lines through emit; return the
-    last one (with "done"). Raises ClusterError when the node cannot be reached or refuses."""
+    last one (with "done"). Raises ClusterError when the node cannot be reached or refuses;
+    `who` names the node in it ("the root", "node n3")."""
     try:
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(host, port, limit=MAX_LINE_BYTES), HANDSHAKE_TIMEOUT_S)
     except (OSError, asyncio.TimeoutError) as e:
-        raise ClusterError(f"cannot reach the root's control port {host}:{port}: "
+        raise ClusterError(f"cannot reach the control port of {who} at {host}:{port}: "
                            f"{getattr(e, 'strerror', None) or e or 'timed out'}") from None
     try:
         hs = Handshake(key, INITIATOR, cluster, node_id)
@@ -131,9 +133,9 @@ async def forward(host: str, port: int, key: bytes, cluster: str, node_id: str, 
                 return line
             await emit(line)
     except (ConnectionError, asyncio.IncompleteReadError):
-        raise ClusterError(f"the root at {host}:{port} closed the connection before it "
+        raise ClusterError(f"{who} at {host}:{port} closed the connection before it "
                            "answered") from None
     except asyncio.TimeoutError:
-        raise ClusterError(f"the root at {host}:{port} sent nothing for {timeout_s:.0f} s") from None
+        raise ClusterError(f"{who} at {host}:{port} sent nothing for {timeout_s:.0f} s") from None
     finally:
         writer.close()

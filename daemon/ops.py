@@ -98,7 +98,8 @@ class ControlOps:
                 a = adverts[node_id]
                 try:
                     answer = await forward(a.address, a.control_port, s.key, s.config.cluster,
-                                           me, {"op": "progress"}, _ignore, timeout_s=3)
+                                           me, {"op": "progress"}, _ignore, timeout_s=3,
+                                           who=f"node {node_id}")
                 except (DllamaError, OSError, asyncio.TimeoutError) as e:
                     log.debug("node %s did not say how far it is: %s", node_id, e)
                     return node_id, None

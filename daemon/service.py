@@ -319,7 +319,8 @@ class NodeService:
             if not a.control_port:
                 raise ClusterError("it advertises no control port (an older version?)")
             await forward(a.address, a.control_port, self.key, self.config.cluster,
-                          self.config.node_id, {"op": "ping"}, ignore, timeout_s=10)
+                          self.config.node_id, {"op": "ping"}, ignore, timeout_s=10,
+                          who=f"node {a.node_id}")
         except DllamaError as e:
             self.refused[a.instance] = str(e)
             journal.log_event("plan_rejected", f"node {a.node_id} ({a.address}) is not a member: "
@@ -359,7 +360,7 @@ class NodeService:
         try:
             report = await forward(a.address, a.control_port, self.key, self.config.cluster,
                                    self.config.node_id, {"op": "report"},
-                                   _ignore, timeout_s=10)
+                                   _ignore, timeout_s=10, who=f"node {a.node_id}")
             if report.get("message"):
                 message = f"node {a.node_id} is back; its previous run: {report['message']}"
                 fields = {k: v for k, v in (report.get("fields") or {}).items()
