@@ -21,7 +21,7 @@ import random
 import re
 import string
 from dataclasses import dataclass
-from typing import Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, Iterator, List, Optional, Tuple
 
 # -- the cast ------------------------------------------------------------------------
 

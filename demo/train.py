@@ -36,7 +36,8 @@ import grammar  # noqa: E402  (demo/ is a folder of scripts, not a package)
 
 from dllama_node.model import quants  # noqa: E402
 from dllama_node.model.config import ModelConfig  # noqa: E402
-from dllama_node.model.generate import model_tensor_types, write_gguf_model  # noqa: E402
+from dllama_node.model.generate import (llama_metadata, model_tensor_types,  # noqa: E402
+                                         write_gguf_model)
 from dllama_node.tokenizer import chat as chat_templates  # noqa: E402
 from dllama_node.tokenizer.loader import load_tokenizer  # noqa: E402
 
@@ -274,24 +275,8 @@ def write_model(path: str, model, config: ModelConfig, tok_metadata: Dict[str, o
                 description: str) -> int:
     """Write the GGUF file (matrices Q8_0, norms F32); returns its size in bytes."""
     c = config
-    metadata = {
-        "general.architecture": "llama",
-        "general.name": "dllama-node demo stories",
-        "general.description": description,
-        "general.license": "MIT",
-        "general.file_type": 7,                 # MOSTLY_Q8_0
-        "general.quantization_version": 2,
-        "llama.vocab_size": c.vocab_size,
-        "llama.context_length": c.seq_len,
-        "llama.embedding_length": c.dim,
-        "llama.block_count": c.n_layers,
-        "llama.feed_forward_length": c.hidden_dim,
-        "llama.rope.dimension_count": c.head_dim,
-        "llama.attention.head_count": c.n_heads,
-        "llama.attention.head_count_kv": c.n_kv_heads,
-        "llama.attention.layer_norm_rms_epsilon": float(c.norm_eps),
-        "llama.rope.freq_base": float(c.rope_theta),
-    }
+    metadata = llama_metadata(c, quants.GGML_Q8_0, "dllama-node demo stories")
+    metadata.update({"general.description": description, "general.license": "MIT"})
     metadata.update(tok_metadata)
     arrays = gguf_tensors(model, c)
     types = model_tensor_types(c, quants.GGML_Q8_0)

@@ -172,11 +172,9 @@ def model_tensor_types(config: ModelConfig, weight_type: int) -> Dict[str, Tuple
     return {n: (s, quants.GGML_F32 if len(s) == 1 else weight_type) for n, s in shapes.items()}
 
 
-def model_metadata(config: ModelConfig, weight_type: int, name: str = "random") -> Dict[str, Any]:
-    """The GGUF metadata of a llama model with the synthetic tokenizer (types inferred
-    by the writer: ints UINT32, floats FLOAT32, token types INT32, scores FLOAT32)."""
+def llama_metadata(config: ModelConfig, weight_type: int, name: str) -> Dict[str, Any]:
+    """The architecture part of a llama model's GGUF metadata (no tokenizer)."""
     c = config
-    tokens, scores, types = synthetic_vocab(c.vocab_size)
     return {
         "general.architecture": "llama",
         "general.name": name,
@@ -194,6 +192,15 @@ def model_metadata(config: ModelConfig, weight_type: int, name: str = "random") 
         "llama.attention.value_length": c.head_dim,
         "llama.attention.layer_norm_rms_epsilon": float(c.norm_eps),
         "llama.rope.freq_base": float(c.rope_theta),
+    }
+
+
+def model_metadata(config: ModelConfig, weight_type: int, name: str = "random") -> Dict[str, Any]:
+    """The GGUF metadata of a llama model with the synthetic tokenizer (types inferred
+    by the writer: ints UINT32, floats FLOAT32, token types INT32, scores FLOAT32)."""
+    tokens, scores, types = synthetic_vocab(config.vocab_size)
+    return {
+        **llama_metadata(config, weight_type, name),
         "tokenizer.ggml.model": "llama",
         "tokenizer.ggml.tokens": tokens,
         "tokenizer.ggml.scores": scores,
