@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from dllama_node.common.memory import read_memory
+from dllama_node.common.process_limits import lockable_bytes
 from dllama_node.engine.weights import SliceSpec
 from dllama_node.plan import (ModelLayout, NodeCapacity, NodeSlice, PlanOptions, ShardPlan,
                               plan_shards)
@@ -16,15 +17,10 @@ def slice_spec(node: NodeSlice) -> SliceSpec:
 
 def local_capacities(n_nodes: int, threads: int = 1) -> list:
     """n_nodes processes on this machine: each gets an equal share of its memory and the
-    same speed (--split, passed to the planner, then sets the shares of the work)."""
+    same speed (--split, passed to the planner, then sets the shares of the work). Each may
+    lock what this process may (common.process_limits.lockable_bytes)."""
     mem = read_memory()
-    memlock = -1
-    try:
-        import resource
-        soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-        memlock = -1 if soft == resource.RLIM_INFINITY else soft
-    except (ImportError, ValueError):
-        pass
+    memlock = lockable_bytes()
     share = mem.available_bytes // n_nodes
     return [NodeCapacity(node_id=f"n{i}", available_ram_bytes=share,
                          free_swap_bytes=mem.swap_free_bytes // n_nodes,

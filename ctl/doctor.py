@@ -20,12 +20,12 @@ from typing import List, Optional, Sequence, Tuple
 
 import click
 
+from dllama_node.common.process_limits import CAP_IPC_LOCK, CAP_SYS_NICE, has_capability
 from dllama_node.daemon import doctor_checks as dc
 from dllama_node.daemon.journal import EVENTS
 
 log = logging.getLogger(__name__)
 
-CAP_IPC_LOCK, CAP_SYS_NICE = 14, 23
 JOURNAL_SINCE = "-7d"
 BROWSE_S = 1.5
 
@@ -74,8 +74,6 @@ def _read(path: str) -> str:
 
 def process_facts(pid: Optional[int]) -> dc.ProcessFacts:
     """The service's limits when its pid is known and readable, else this process's."""
-    from dllama_node.daemon.resources import effective_capabilities
-
     target = str(pid) if pid else "self"
     status = _read(f"/proc/{target}/status")
     limits = _read(f"/proc/{target}/limits")
@@ -85,11 +83,11 @@ def process_facts(pid: Optional[int]) -> dc.ProcessFacts:
     uid = next((int(line.split()[1]) for line in status.splitlines()
                 if line.startswith("Uid:")), os.getuid())
     memlock = dc.parse_limits_memlock(limits)
-    caps = effective_capabilities(status)
     return dc.ProcessFacts(
         who=f"the service (pid {pid})" if pid else "this shell (the service is not running)",
         uid=uid, memlock_limit_bytes=-1 if memlock is None else memlock,
-        cap_ipc_lock=bool(caps >> CAP_IPC_LOCK & 1), cap_sys_nice=bool(caps >> CAP_SYS_NICE & 1),
+        cap_ipc_lock=has_capability(CAP_IPC_LOCK, status),
+        cap_sys_nice=has_capability(CAP_SYS_NICE, status),
         nice=dc.parse_stat_nice(stat) if stat else os.getpriority(os.PRIO_PROCESS, 0))
 
 

@@ -24,11 +24,11 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from dllama_node.common.memory import read_memory
+from dllama_node.common.process_limits import lockable_bytes
 from dllama_node.common.units import GiB, MiB, format_bytes
 from dllama_node.plan.data import NodeCapacity
 
 from .journal import log_event
-from .resources import lockable_bytes
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +219,9 @@ def measure_capacity(node_id: str, state_dir: Optional[str], *, n_threads: Optio
     """This node's report for the planner.
 
     available RAM: MemAvailable bounded by the cgroup's headroom (common.memory);
-    free swap; RLIMIT_MEMLOCK (-1 unlimited); cores this process may run on; the speed score
-    (cached in state_dir; None: measured every time). Logged as a `capacity` event.
+    free swap; what it may lock (common.process_limits: RLIMIT_MEMLOCK, -1 when unlimited or
+    lifted by CAP_IPC_LOCK); cores this process may run on; the speed score (cached in
+    state_dir; None: measured every time). Logged as a `capacity` event.
     """
     mem = read_memory()
     cores = len(os.sched_getaffinity(0))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 from dllama_node.common import errors
+from dllama_node.common.process_limits import UNLIMITED, lockable_limit
 from dllama_node.common.units import format_bytes
 from dllama_node.daemon.journal import EVENTS
 
@@ -84,10 +85,9 @@ def check_memlock(p: ProcessFacts, needed_bytes: Optional[int]) -> Check:
     name = "locked memory"
     limit = "unlimited" if p.memlock_limit_bytes < 0 else format_bytes(p.memlock_limit_bytes)
     need = f"; this node's slice needs {format_bytes(needed_bytes)}" if needed_bytes else ""
-    if p.memlock_limit_bytes < 0:
-        return Check(name, OK, f"{p.who}: RLIMIT_MEMLOCK unlimited{need}")
-    if p.cap_ipc_lock:
-        return Check(name, OK, f"{p.who}: RLIMIT_MEMLOCK {limit}, lifted by CAP_IPC_LOCK{need}")
+    if lockable_limit(p.memlock_limit_bytes, p.cap_ipc_lock) == UNLIMITED:
+        how = "unlimited" if p.memlock_limit_bytes < 0 else f"{limit}, lifted by CAP_IPC_LOCK"
+        return Check(name, OK, f"{p.who}: RLIMIT_MEMLOCK {how}{need}")
     fix = ("LimitMEMLOCK=infinity in the unit (systemctl edit dllama-node), or "
            "AmbientCapabilities=CAP_IPC_LOCK; then systemctl restart dllama-node")
     if needed_bytes is not None and needed_bytes <= p.memlock_limit_bytes:

@@ -11,13 +11,13 @@ import asyncio
 import json
 import logging
 import os
-import resource
 import sys
 
 import click
 
 from dllama_node.common.errors import DllamaError
 from dllama_node.common.memory import read_memory
+from dllama_node.common.process_limits import lockable_bytes
 from dllama_node.common.units import format_bytes
 
 
@@ -25,7 +25,6 @@ def node_report() -> dict:
     from dllama_node import kernels
 
     mem = read_memory()
-    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     return {
         "kernel_path": kernels.kernel_path(),
         "kernel_paths_available": kernels.available_paths(),
@@ -34,7 +33,7 @@ def node_report() -> dict:
         "available_ram_bytes": mem.available_bytes,
         "cgroup_limit_bytes": mem.cgroup_limit_bytes,
         "free_swap_bytes": mem.swap_free_bytes,
-        "memlock_limit_bytes": -1 if soft == resource.RLIM_INFINITY else soft,
+        "memlock_limit_bytes": lockable_bytes(),
     }
 
 

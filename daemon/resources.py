@@ -7,8 +7,9 @@ numbers and what to put in the unit, and the node carries on unlocked / at norma
 
 What decides (Linux):
 - mlock: locked pages are bounded by RLIMIT_MEMLOCK unless the process has CAP_IPC_LOCK
-  (root included: root without CAP_IPC_LOCK gets the same limit). Fix: LimitMEMLOCK=infinity
-  in the unit, or AmbientCapabilities=CAP_IPC_LOCK.
+  (root included: root without CAP_IPC_LOCK gets the same limit; the rule is
+  common.process_limits.lockable_limit). Fix: LimitMEMLOCK=infinity in the unit, or
+  AmbientCapabilities=CAP_IPC_LOCK.
 - nice below the current value needs CAP_SYS_NICE (or an RLIMIT_NICE allowance). Fix:
   Nice=-10 in the unit (set by systemd before it drops privileges), or
   AmbientCapabilities=CAP_SYS_NICE.
@@ -26,14 +27,14 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from dllama_node.common.process_limits import (CAP_IPC_LOCK, CAP_SYS_NICE, has_capability,
+                                                memlock_limit_bytes)
 from dllama_node.common.units import format_bytes
 
 from .journal import log_event
 
 log = logging.getLogger(__name__)
 
-CAP_IPC_LOCK = 14
-CAP_SYS_NICE = 23
 PAGE_BYTES = mmap.PAGESIZE
 
 Region = Union[np.ndarray, Tuple[int, int], object]   # array, (address, length), or a buffer
@@ -41,35 +42,6 @@ Region = Union[np.ndarray, Tuple[int, int], object]   # array, (address, length)
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 _libc.munlock.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-
-
-def memlock_limit_bytes() -> int:
-    """RLIMIT_MEMLOCK (soft) in bytes; -1 when unlimited."""
-    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    return -1 if soft == resource.RLIM_INFINITY else int(soft)
-
-
-def lockable_bytes() -> int:
-    """How much this process may lock: RLIMIT_MEMLOCK, or -1 (no limit) when that is
-    unlimited or the process has CAP_IPC_LOCK (the kernel then ignores the limit)."""
-    if has_capability(CAP_IPC_LOCK):
-        return -1
-    return memlock_limit_bytes()
-
-
-def effective_capabilities(status_text: Optional[str] = None) -> int:
-    """The CapEff bit mask of this process (from /proc/self/status, or the text given)."""
-    if status_text is None:
-        with open("/proc/self/status") as f:
-            status_text = f.read()
-    for line in status_text.splitlines():
-        if line.startswith("CapEff:"):
-            return int(line.split()[1], 16)
-    return 0
-
-
-def has_capability(cap: int, status_text: Optional[str] = None) -> bool:
-    return bool(effective_capabilities(status_text) >> cap & 1)
 
 
 # ---------------------------------------------------------------- locked memory

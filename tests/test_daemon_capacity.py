@@ -87,7 +87,7 @@ def test_measure_capacity_reports_this_node(tmp_path):
     assert low <= cap.available_ram_bytes <= high
     assert cap.free_swap_bytes == pytest.approx(after.swap_free_bytes, abs=64 * MiB)
     soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    from dllama_node.daemon.resources import CAP_IPC_LOCK, has_capability
+    from dllama_node.common.process_limits import CAP_IPC_LOCK, has_capability
     unlimited = soft == resource.RLIM_INFINITY or has_capability(CAP_IPC_LOCK)
     assert cap.memlock_limit_bytes == (-1 if unlimited else soft)   # CAP_IPC_LOCK: no limit
     assert cap.cores == len(os.sched_getaffinity(0))
