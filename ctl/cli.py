@@ -358,7 +358,8 @@ def make_model(preset, weight_type, seed, output):
 @click.option("--json", "as_json", is_flag=True)
 def info(model_path, as_json):
     """Show a model file's shape, tensor types and sizes, without loading it."""
-    local_commands.info(model_path, as_json)
+    from dllama_node.ctl.model_info import info as show_info
+    show_info(model_path, as_json)
 
 
 @cli.command()

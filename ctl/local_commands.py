@@ -225,30 +225,6 @@ def make_model(preset: str, weight_type: str, seed: int, output: str) -> None:
     click.echo(output)
 
 
-def info(model_path: str, as_json: bool) -> None:
-    from dllama_node.model import open_model
-
-    with open_model(model_path) as model:
-        cfg = model.config
-        types = {}
-        for t in model.tensors.values():
-            types[t.ggml_type] = types.get(t.ggml_type, 0) + t.nbytes
-        data = {"path": model_path, "format": model.format, "file_size": model.file_size,
-                "config": {k: v for k, v in cfg.__dict__.items() if k != "rope_scaling"},
-                "rope_scaling": cfg.rope_scaling.__dict__ if cfg.rope_scaling else None,
-                "tensors": len(model.tensors),
-                "bytes_by_type": {str(k): v for k, v in sorted(types.items())}}
-    if as_json:
-        click.echo(json.dumps(data))
-        return
-    click.echo(f"{model_path}: {model.format}, {format_bytes(data['file_size'])}, "
-               f"{data['tensors']} tensors")
-    for k, v in data["config"].items():
-        click.echo(f"  {k:16} {v}")
-    if data["rope_scaling"]:
-        click.echo(f"  {'rope_scaling':16} {data['rope_scaling']}")
-
-
 def parse_sizes(text: str) -> list:
     """'1G,512M,2048' -> bytes."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

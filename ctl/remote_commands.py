@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 import click
 
+from dllama_node.common.text_table import align_columns
 from dllama_node.ctl.daemon_client import DaemonClient
 
 
@@ -125,9 +126,8 @@ def models(client: DaemonClient, as_json: bool) -> None:
     for m in items:
         rows.append((str(m.get("id", "?")), ", ".join(m.get("held_by") or ()) or "-",
                      str(m.get("identity") or "-")[:16], str(m.get("path") or "-")))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    for line in align_columns(rows):
+        click.echo(line)
 
 
 def plan(client: DaemonClient, model: Optional[str], max_seq_len: Optional[int],

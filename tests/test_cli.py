@@ -169,7 +169,7 @@ def test_make_model_and_info(tmp_path):
     assert r.exit_code == 0, r.output
     d = json.loads(CliRunner().invoke(cli, ["info", "--model", p, "--json"]).output)
     assert d["config"]["dim"] == PRESETS["tiny"].dim
-    assert d["bytes_by_type"]["8"] > 0            # Q8_0 matrices
+    assert d["bytes_by_type"]["Q8_0"] > 0         # the matrices
 
 
 def test_node_check_reports_capacity():
