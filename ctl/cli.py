@@ -140,10 +140,16 @@ def socket_option(f):
              "control_socket in the config, /run/dllama-node/control.sock).")(f)
 
 
-def _client(socket_path: Optional[str]):
+def _client(socket_path: Optional[str], without_service: str = ""):
     from dllama_node.ctl.daemon_client import DaemonClient
     ctx = click.get_current_context()
-    return DaemonClient.from_settings(socket_path, (ctx.obj or {}).get("config_path"))
+    return DaemonClient.from_settings(socket_path, (ctx.obj or {}).get("config_path"),
+                                      without_service)
+
+
+def _runs_here(command: str) -> str:
+    """What a command that goes to the service can do without it: run a model file here."""
+    return f"dllama-ctl {command} --model FILE runs a model file in this process"
 
 
 def _no_local_options(**given) -> None:
@@ -217,8 +223,8 @@ def generate(model_path, tokenizer_path, threads, max_seq_len, temperature, top_
                           sync=sync)
         params = remote_commands.generation_params(temperature, top_k, top_p,
                                                    repetition_penalty, seed, max_tokens, stop)
-        remote_commands.generate(_client(socket_path), prompt, chat_format, params, as_json,
-                                 wait_s)
+        remote_commands.generate(_client(socket_path, _runs_here("generate")), prompt,
+                                 chat_format, params, as_json, wait_s)
         return
     local_commands.generate(
         model_path=model_path, tokenizer_path=tokenizer_path, threads=threads,
@@ -265,7 +271,7 @@ def chat(model_path, tokenizer_path, threads, max_seq_len, temperature, top_k, t
                           sync=sync)
         params = remote_commands.generation_params(temperature, top_k, top_p,
                                                    repetition_penalty, seed, max_tokens)
-        remote_commands.chat(_client(socket_path), params, system, wait_s)
+        remote_commands.chat(_client(socket_path, _runs_here("chat")), params, system, wait_s)
         return
     local_commands.chat(
         model_path=model_path, tokenizer_path=tokenizer_path, threads=threads,

@@ -63,22 +63,28 @@ def resolve_socket_path(socket_path: Optional[str] = None,
 
 
 class DaemonClient:
-    """Requests to the local dllama-node over its control socket at `path`."""
+    """Requests to the local dllama-node over its control socket at `path`.
+    `without_service` says what the command can do without the service, for the error
+    when there is no socket (e.g. "dllama-ctl chat --model FILE chats with ...")."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, without_service: str = ""):
         self.path = path
+        self.without_service = without_service
 
     @classmethod
     def from_settings(cls, socket_path: Optional[str] = None,
-                      config_path: Optional[str] = None) -> "DaemonClient":
-        return cls(resolve_socket_path(socket_path, config_path))
+                      config_path: Optional[str] = None,
+                      without_service: str = "") -> "DaemonClient":
+        return cls(resolve_socket_path(socket_path, config_path), without_service)
 
     def _check_reachable(self) -> None:
         """A clearer error than connect()'s for the two usual mistakes."""
         if not os.path.exists(self.path):
+            alone = f"; without the service, {self.without_service}" \
+                if self.without_service else ""
             raise ClusterError(f"no control socket at {self.path}: is dllama-node running on "
                                "this machine? (systemctl status dllama-node; another path: "
-                               f"--socket or {SOCKET_ENV})")
+                               f"--socket or {SOCKET_ENV}){alone}")
         if not os.access(self.path, os.R_OK | os.W_OK):
             raise ClusterError(f"control socket {self.path} is not writable by uid "
                                f"{os.getuid()}: run as root, or join the socket's group "

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
+from dllama_node.common import errors
 from dllama_node.ctl.cli import cli
 from dllama_node.model.generate import PRESETS
-from tests.test_cli import CTL, tiny  # noqa: F401 - tiny: the module's Q4_0 model fixture
+from tests.test_cli import (CTL, assert_one_line_error, run_ctl,  # noqa: F401 - tiny: a fixture
+                            tiny)
 
 
 # ---- info: tensor types by name ---------------------------------------------------------
@@ -37,3 +40,12 @@ def test_info_text_shows_an_aligned_table_of_types(tiny):
     assert rows[1][2].endswith("MiB")
     ends = {len(l) for l in lines[header:header + 3]}
     assert len(ends) == 1, lines[header:header + 3]          # the byte column lines up
+
+
+# ---- chat without the service: say that --model chats here -------------------------------
+@pytest.mark.parametrize("command", ["chat", "generate"])
+def test_no_service_names_the_local_model_option(command, tmp_path):
+    absent = str(tmp_path / "control.sock")
+    r = run_ctl(command, "--socket", absent, "--wait-timeout", "0", stdin="hello")
+    assert_one_line_error(r, errors.EXIT_CLUSTER, f"no control socket at {absent}",
+                          f"dllama-ctl {command} --model FILE")
