@@ -184,6 +184,22 @@ def sampler_options(f):
     return _options(*options)(f)
 
 
+def _prompt(prompt: Optional[str], words: tuple) -> str:
+    """--prompt, else the arguments, else standard input when it is piped: a terminal's
+    would wait in silence for text nobody knows to type."""
+    if prompt is not None and words:
+        raise errors.UsageError(f"prompt given twice: --prompt and {len(words)} argument(s)")
+    if prompt is not None:
+        return prompt
+    if words:
+        return " ".join(words)
+    if sys.stdin is None or sys.stdin.isatty():
+        raise errors.UsageError("no prompt: give it with --prompt TEXT, as arguments "
+                                "(dllama-ctl generate Once upon a time), or pipe it in "
+                                "(echo TEXT | dllama-ctl generate)")
+    return sys.stdin.read()
+
+
 @cli.command()
 @model_options(required=False)
 @sampler_options
@@ -191,7 +207,7 @@ def sampler_options(f):
 @socket_option
 @click.argument("words", nargs=-1, metavar="[PROMPT]...")
 @click.option("--prompt", "-p", default=None, help="Prompt text (default: the arguments, else "
-                                                     "standard input).")
+                                                     "standard input when it is not a terminal).")
 @click.option("--max-tokens", "-n", type=int, default=256, show_default=True,
               help="Most tokens to generate.")
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
@@ -212,10 +228,7 @@ def generate(model_path, tokenizer_path, threads, max_seq_len, temperature, top_
     With a model file, in this process (or --nodes N processes on this machine):
       dllama-ctl generate --model small.gguf --temperature 0 "Once upon a time"
     """
-    if prompt is None:
-        prompt = " ".join(words) if words else sys.stdin.read()
-    elif words:
-        raise errors.UsageError(f"prompt given twice: --prompt and {len(words)} argument(s)")
+    prompt = _prompt(prompt, words)
     if model_path is None:
         from dllama_node.ctl import remote_commands
         _no_local_options(tokenizer=tokenizer_path, threads=threads, max_seq_len=max_seq_len,

@@ -4,6 +4,12 @@ pseudo-terminal) and checked on what a person sees: one line, a named exit code.
 from __future__ import annotations
 
 import json
+import os
+import pty
+import re
+import select
+import subprocess
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -13,6 +19,44 @@ from dllama_node.ctl.cli import cli
 from dllama_node.model.generate import PRESETS
 from tests.test_cli import (CTL, assert_one_line_error, run_ctl,  # noqa: F401 - tiny: a fixture
                             tiny)
+
+
+ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")      # readline's terminal controls
+
+
+def on_terminal(args, keys: bytes = b"", after: str = "", tmp_path=None, timeout_s=60.0):
+    """Run the console script on a pseudo-terminal (its stdin, stdout and stderr), type
+    `keys` once the terminal shows `after`; -> (exit code, what the terminal showed)."""
+    env = dict(os.environ, TERM="dumb")
+    if tmp_path is not None:
+        env.update(HOME=str(tmp_path), XDG_STATE_HOME=str(tmp_path / "state"))
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([CTL, *args], stdin=slave, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    shown, typed = b"", not keys
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"still running after {timeout_s} s; the terminal "
+                                     f"showed:\n{shown.decode(errors='replace')}")
+            if select.select([master], [], [], 0.1)[0]:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:                  # EIO: the last end of the terminal closed
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+            if not typed and after.encode() in shown:
+                os.write(master, keys)
+                typed = True
+        return proc.wait(timeout=10), ESCAPES.sub("", shown.decode(errors="replace"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
 
 
 # ---- info: tensor types by name ---------------------------------------------------------
@@ -49,3 +93,22 @@ def test_no_service_names_the_local_model_option(command, tmp_path):
     r = run_ctl(command, "--socket", absent, "--wait-timeout", "0", stdin="hello")
     assert_one_line_error(r, errors.EXIT_CLUSTER, f"no control socket at {absent}",
                           f"dllama-ctl {command} --model FILE")
+
+
+# ---- generate on a terminal with no prompt: a usage error, not a silent wait --------------
+@pytest.mark.parametrize("where", ["service", "model"])
+def test_generate_on_a_terminal_without_a_prompt_says_how_to_give_one(where, tiny, tmp_path):
+    args = ["--model", tiny] if where == "model" else ["--socket", str(tmp_path / "absent")]
+    code, shown = on_terminal(["generate", *args], timeout_s=30)
+    lines = [line for line in shown.splitlines() if line.strip()]
+    assert code == errors.EXIT_USAGE, shown
+    assert len(lines) == 1, shown
+    assert lines[0].startswith("dllama-ctl: error: no prompt: give it with --prompt TEXT")
+    assert "as arguments" in lines[0] and "| dllama-ctl generate" in lines[0]
+
+
+def test_generate_still_reads_a_piped_prompt(tiny):
+    r = run_ctl("generate", "--model", tiny, "-n", "4", "--temperature", "0", "--json",
+                stdin="Once upon a time")
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["prompt_tokens"]) > 1
