@@ -132,7 +132,7 @@ def read_key(path: PathLike) -> bytes:
                               f"key file ({KEY_BYTES} random bytes as {2 * KEY_BYTES} hex digits, "
                               "mode 0600)") from None
     except PermissionError:
-        raise ClusterKeyError(f"{what} is not readable by this user (uid {os.getuid()}): run the "
+        raise ClusterKeyError(f"{what} is not readable by this user (uid {os.geteuid()}): run the "
                               "service as the file's owner, or chown the file") from None
     except OSError as e:
         raise ClusterKeyError(f"{what} cannot be opened: {e.strerror or e}") from None
