@@ -18,6 +18,8 @@ import logging
 import os
 from typing import Callable, Dict, Iterator, List, Optional
 
+from dllama_node.tokenizer.conversation_fit import dropped_note, stopped_note
+
 log = logging.getLogger(__name__)
 
 BLOCK = '"""'
@@ -95,7 +97,15 @@ class ChatSession:
         self.messages: List[Dict[str, str]] = self._start()
 
     def _start(self) -> List[Dict[str, str]]:
+        self.told_dropped = False       # the left-out turns are told once per conversation
         return [{"role": "system", "content": self.system}] if self.system else []
+
+    def _tell_dropped(self, line: dict) -> None:
+        """The answerer left the oldest turns out (tokenizer/conversation_fit.py): say so,
+        the first time in this conversation."""
+        if line.get("dropped_turns") and not self.told_dropped:
+            self.told_dropped = True
+            self.note(dropped_note(int(line["dropped_turns"]), line.get("max_seq_len")))
 
     def handle(self, text: str) -> bool:
         """Act on one message or command; False when the session should end."""
@@ -136,6 +146,7 @@ class ChatSession:
         lines = self.send(list(self.messages))
         try:
             for line in lines:
+                self._tell_dropped(line)
                 if line.get("done"):
                     final = line
                     break
@@ -155,7 +166,8 @@ class ChatSession:
         else:
             self.write("\n")
             if final is not None and final.get("finish_reason") == "length":
-                self.note("[stopped at max tokens]")
+                self.note(stopped_note(final.get("limit"), final.get("max_seq_len"),
+                                       final.get("max_tokens")))
         text = final.get("text", "".join(pieces)) if final is not None else "".join(pieces)
         self.messages.append({"role": "assistant", "content": text})
 
@@ -235,7 +247,12 @@ def chat_in_terminal(send: Callable[[List[Dict[str, str]]], Iterator[dict]],
     interactive = sys.stdin.isatty()
     save_history = setup_history() if interactive else None
     if interactive:
-        read_line: ReadLine = input
+        def read_line(prompt: str) -> str:
+            try:
+                return input(prompt)
+            except EOFError:
+                write("\n")          # Ctrl-D: the shell's prompt then starts on its own line
+                raise
         note(f"{greeting} /help lists the commands; Ctrl-C stops an answer, Ctrl-D leaves.")
     else:
         def read_line(prompt: str) -> str:

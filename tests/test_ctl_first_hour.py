@@ -112,3 +112,12 @@ def test_generate_still_reads_a_piped_prompt(tiny):
                 stdin="Once upon a time")
     assert r.returncode == 0, r.stderr
     assert len(json.loads(r.stdout)["prompt_tokens"]) > 1
+
+
+# ---- Ctrl-D at the chat prompt ends the line ---------------------------------------------
+def test_ctrl_d_at_the_chat_prompt_leaves_the_terminal_on_a_new_line(tiny, tmp_path):
+    code, shown = on_terminal(["chat", "--model", tiny], keys=b"\x04", after="> ",
+                              tmp_path=tmp_path)
+    assert code == 0, shown
+    assert "Ctrl-D leaves" in shown
+    assert shown.endswith("> \r\n"), repr(shown[-40:])      # the shell's prompt: a line of its own
