@@ -436,27 +436,7 @@ def test_a_memlock_limit_below_the_total_means_no_lock_and_a_warning():
     assert any("node a" in w and "memlock limit of 8 MiB" in w for w in plan.warnings)
 
 
-# -- the table and the JSON --------------------------------------------------------------------------
-
-def test_table_shows_every_node_and_the_totals():
-    caps = nodes(3) + [node("b3", 40 * MiB)]
-    plan = plan_shards(tiny(), caps)
-    text = format_plan(plan)
-    lines = text.splitlines()
-    for header in ("node", "q heads", "kv heads", "ffn rows", "vocab rows", "weights", "KV cache", "buffers",
-                   "reserve", "total", "available", "swap", "headroom", "locked"):
-        assert header in lines[0]
-    rows = {line.split()[0]: line.split() for line in lines if line.split() and line.split()[0] in
-            ("n0", "n1", "n2", "total")}
-    assert rows["n0"][2:6] == ["[0,11)", "[0,2)", "[0,1888)", "[0,10688)"]
-    total_mib = sum(-(-s.memory.total // MiB) for s in plan.nodes)
-    total_cells = rows["total"][3:]                                # after "total", "3", "nodes"
-    assert total_cells[:4] == ["32", "6", "5632", "32000"]         # kv heads held twice count twice
-    assert abs(int(total_cells[8]) - total_mib) <= 3               # rounded per cell vs. once
-    assert int(total_cells[12]) <= int(total_cells[8])             # locked MiB
-    assert plan.seq_len_reason in lines
-    assert any(line.startswith("excluded b3: has 40 MiB available") for line in lines)
-
+# -- the JSON (the table: tests/test_plan_table.py) -----------------------------------------
 
 def test_to_dict_is_json_and_its_totals_are_the_sums():
     plan = plan_shards(tiny(vocab_size=32001), nodes(3) + [node("tiny", MiB)])
