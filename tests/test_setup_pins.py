@@ -65,3 +65,27 @@ def test_the_virtual_environment_matches_the_pins():
     wrong = {n: (v, pins[n]) for n, v in installed.items() if n in pins and v != pins[n]}
     assert not unpinned, f"installed but not in constraints.txt: {unpinned}"
     assert not wrong, f"installed version differs from constraints.txt (installed, pinned): {wrong}"
+
+
+# distribution name -> the module it installs, where they differ
+IMPORT_NAMES = {"systemd-python": "systemd.journal"}
+
+
+def test_every_dependency_imports():
+    """Each runtime and test dependency of pyproject.toml, and torch (installed by
+    scripts/setup before the project), imports in this environment."""
+    import importlib
+    import tomllib
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + project["optional-dependencies"]["test"] + ["torch"]
+    names = [canonical(re.split(r"[<>=!~;\[ ]", r, 1)[0]) for r in requirements]
+    assert {"transformers", "torch", "gguf", "numpy"} <= set(names)
+    failed = {}
+    for name in names:
+        module = IMPORT_NAMES.get(name, name.replace("-", "_"))
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            failed[name] = f"import {module}: {e}"
+    assert not failed, failed
