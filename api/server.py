@@ -23,6 +23,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -40,6 +41,10 @@ from dllama_node.api.openai import ApiError, error_body
 from dllama_node.common.errors import DllamaError, UsageError
 
 log = logging.getLogger(__name__)
+# One INFO line per request, as uvicorn writes them:
+#   127.0.0.1:53422 - "POST /v1/chat/completions HTTP/1.1" 200 0.84 s
+# dllama-ctl serve shows them on stderr; the daemon's go to the journal.
+access_log = logging.getLogger("dllama_node.api.access")
 
 DEFAULT_PORT = 8080
 RETRY_AFTER_S = 2
@@ -72,6 +77,11 @@ def needs_auth(host: str) -> bool:
         return True                      # a host name: it may resolve to anything
 
 
+def host_port(host: str, port: int) -> str:
+    """'127.0.0.1:8080'; an IPv6 address in brackets: '[::1]:8080'."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def sse(obj) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
 
@@ -92,15 +102,22 @@ class ApiServer:
         self.port = self.config.port
 
     @property
+    def address(self) -> str:
+        """HOST:PORT served, as in a URL: 127.0.0.1:8080, [::1]:8080."""
+        return host_port(self.config.host, self.port)
+
+    @property
     def url(self) -> str:
-        host = self.config.host
-        host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{self.port}"
+        return f"http://{self.address}"
 
     # ---- life cycle ------------------------------------------------------------------------
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._connection, self.config.host,
-                                                  self.config.port, limit=MAX_LINE_BYTES)
+    async def start(self, listener: Optional[socket.socket] = None) -> None:
+        """Listen on config.host and config.port, or on `listener`, a socket bound to them
+        already (dllama-ctl serve binds before it loads the model)."""
+        where = {"sock": listener} if listener is not None else \
+            {"host": self.config.host, "port": self.config.port}
+        self._server = await asyncio.start_server(self._connection, limit=MAX_LINE_BYTES,
+                                                  **where)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("HTTP API on %s (model %s, authentication %s, queue %d)", self.url,
                  self.backend.model_id, "required" if self.config.auth_required else "off",
@@ -177,8 +194,12 @@ class ApiServer:
             await send_response(writer, e.status, _json(e.body()), keep_alive=keep,
                                 headers=e.headers)
         self.counters.request(endpoint, status)
-        log.info("%s %s %d %.1f ms", request.method, request.path, status,
-                 1000 * (time.perf_counter() - t0))
+        peer = writer.get_extra_info("peername")
+        target = f"{request.path}?{request.query}" if request.query else request.path
+        access_log.info('%s - "%s %s %s" %d %.2f s',
+                        host_port(*peer[:2]) if isinstance(peer, tuple) else "-",
+                        request.method, target, request.version, status,
+                        time.perf_counter() - t0)
         return keep
 
     def _authorize(self, request: Request) -> None:

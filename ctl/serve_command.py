@@ -2,13 +2,19 @@
 
 Registered in ctl/cli.py with `cli.add_command(serve)`. Loads the model on this node (or
 on N local nodes with --nodes), prints the URL on standard output, and serves until
-SIGINT or SIGTERM.
+SIGINT or SIGTERM. The address is bound before the model loads, so a port in use fails at
+once, in one line; each request is one access line on stderr (api/server.py access_log).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import logging
 import signal
-from typing import Optional, Tuple
+import socket
+import sys
+from typing import Iterator, Optional, Tuple
 
 import click
 
@@ -16,6 +22,14 @@ from dllama_node.api.backend import model_id_from_path as default_model_id
 from dllama_node.common.errors import UsageError
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
+# Why a bind fails, in words a person can act on (else the system's own words).
+LISTEN_FAILURES = {
+    errno.EADDRINUSE: "address already in use (is another dllama-ctl serve or dllama-node "
+                      "running? choose another --listen)",
+    errno.EACCES: "permission denied (ports below 1024 need root: choose another --listen)",
+    errno.EADDRNOTAVAIL: "no interface of this machine has that address (choose another "
+                         "--listen)",
+}
 
 
 def parse_listen(text: str) -> Tuple[str, int]:
@@ -37,7 +51,43 @@ def parse_listen(text: str) -> Tuple[str, int]:
     return host, port
 
 
-async def _serve(backend, config, announce) -> None:
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The server's socket, bound (not yet listening) before the model loads, so that a
+    port in use fails at once, in one line, not after the load."""
+    from dllama_node.api.server import host_port
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        reason = LISTEN_FAILURES.get(e.errno, e.strerror or str(e))
+        raise UsageError(f"cannot listen on {host_port(host, port)}: {reason}") from None
+    return sock
+
+
+@contextlib.contextmanager
+def access_log_on_stderr() -> Iterator[None]:
+    """The HTTP API's access log (one line per request) on stderr, as uvicorn shows it,
+    whatever -v says; the logger as it was afterwards."""
+    from dllama_node.api.server import access_log
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level, propagate = access_log.level, access_log.propagate
+    access_log.setLevel(logging.INFO)
+    access_log.propagate = False                  # once, not again through -v's handler
+    access_log.addHandler(handler)
+    try:
+        yield
+    finally:
+        access_log.removeHandler(handler)
+        access_log.setLevel(level)
+        access_log.propagate = propagate
+
+
+async def _serve(backend, config, listener: socket.socket, announce) -> None:
     from dllama_node.api.server import ApiServer
 
     server = ApiServer(backend, config)
@@ -45,7 +95,7 @@ async def _serve(backend, config, announce) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
+    await server.start(listener)
     announce(server)
     try:
         await stop.wait()
@@ -107,7 +157,8 @@ def serve(model_path: str, tokenizer_path: Optional[str], threads: Optional[int]
         click.echo(f"serving {model_id} at {server.url}/v1", err=True)
         click.echo(f"{server.url}/v1")          # stdout: the URL alone, for scripts
 
-    with open_runner(model_path, tokenizer_path, threads, max_seq_len, nodes) as runner:
+    with bind_listener(host, port) as listener, access_log_on_stderr(), \
+            open_runner(model_path, tokenizer_path, threads, max_seq_len, nodes) as runner:
         backend = EngineBackend(runner, model_id)
-        asyncio.run(_serve(backend, config, announce))
+        asyncio.run(_serve(backend, config, listener, announce))
     click.echo("stopped", err=True)

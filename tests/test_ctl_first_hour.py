@@ -8,8 +8,11 @@ import os
 import pty
 import re
 import select
+import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 from click.testing import CliRunner
@@ -121,3 +124,38 @@ def test_ctrl_d_at_the_chat_prompt_leaves_the_terminal_on_a_new_line(tiny, tmp_p
     assert code == 0, shown
     assert "Ctrl-D leaves" in shown
     assert shown.endswith("> \r\n"), repr(shown[-40:])      # the shell's prompt: a line of its own
+
+
+# ---- serve: a port in use is one line; every request one access line ---------------------
+def test_serve_on_a_port_in_use_says_so_in_one_line(tiny):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        r = run_ctl("serve", "--model", tiny, "--listen", address)
+    assert r.stderr.count("\n") == 1, r.stderr           # before the model loads: no notes
+    assert_one_line_error(r, errors.EXIT_USAGE, f"cannot listen on {address}: address "
+                          "already in use", "choose another --listen")
+
+
+def test_serve_logs_one_access_line_per_request(tiny):
+    proc = subprocess.Popen([CTL, "serve", "--model", tiny, "--listen", "127.0.0.1:0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().strip()             # http://127.0.0.1:PORT/v1
+        assert url.endswith("/v1"), proc.stderr.read() if proc.poll() is not None else url
+        question = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        answer = urllib.request.urlopen(urllib.request.Request(
+            f"{url}/chat/completions", data=json.dumps(question).encode(),
+            headers={"Content-Type": "application/json"}), timeout=60)
+        assert answer.status == 200
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"{url}/nothing-here", timeout=10)
+        assert missing.value.code == 404
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=30)
+    access = re.compile(r'^127\.0\.0\.1:\d+ - "(\w+) (\S+) HTTP/1\.1" (\d{3}) \d+\.\d\d s$')
+    lines = [m.groups() for m in map(access.match, stderr.splitlines()) if m]
+    assert lines == [("POST", "/v1/chat/completions", "200"),
+                     ("GET", "/v1/nothing-here", "404")], stderr
