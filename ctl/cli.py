@@ -460,7 +460,8 @@ def logs(follow, lines, oom, since, journal_file):
       dllama-ctl logs --oom --since -1d      # why did a node die?
       dllama-ctl logs -f
     Same entries as journalctl -u dllama-node; the fields are those of
-    journalctl -u dllama-node -o verbose.
+    journalctl -u dllama-node -o verbose. Exit code 1 when there is no journal to read
+    (journalctl not found, no entries at all, not allowed to read them).
     """
     from dllama_node.ctl import logs as logs_module
     logs_module.logs(follow, lines, oom, since, journal_file)

@@ -109,34 +109,85 @@ def format_lines(lines: Iterable[str]) -> Iterable[str]:
         yield format_entry(entry) if isinstance(entry, dict) else line
 
 
+CANNOT_READ = ("this user cannot read the service's journal: run as root or join group "
+               "systemd-journal")
+
+
+def _cannot_read(journalctl_stderr: str) -> bool:
+    """journalctl's words for a journal this user may not read (in part or at all)."""
+    return ("insufficient permissions" in journalctl_stderr
+            or "not seeing messages" in journalctl_stderr)
+
+
+def _echo_all(lines: Iterable[str]) -> int:
+    """Print each line; how many there were."""
+    count = 0
+    for line in lines:
+        click.echo(line)
+        count += 1
+    return count
+
+
+def _none_of_ours(oom: bool, since: Optional[str]) -> str:
+    """The line for a journal that holds entries, none of them those the options select."""
+    when = f" since {since}" if since else ""
+    if oom:
+        return f"no memory events in the journal{when}"
+    return (f"no journal entries for {UNIT}{when}: has the service run on this machine? "
+            f"(systemctl status {UNIT})")
+
+
+def check_journal_has_entries(exe: str) -> None:
+    """DllamaError unless journalctl shows at least one entry of any unit: without one there
+    is no journal here, or none this user may read."""
+    probe = subprocess.run([exe, "-o", "json", "-n", "1", "--no-pager"], capture_output=True,
+                           text=True, errors="replace", timeout=60)
+    if probe.stdout.strip():
+        return
+    if _cannot_read(probe.stderr):
+        raise DllamaError(CANNOT_READ)
+    raise DllamaError("journalctl shows no entries at all: no journal on this machine, or "
+                      "none this user may read (is systemd-journald running? without systemd, "
+                      "dllama-node logs to its standard error; --journal-file PATH formats a "
+                      "saved journal)")
+
+
 def logs(follow: bool, lines: Optional[int], oom: bool, since: Optional[str],
          journal_file: Optional[str] = None) -> None:
-    """Run journalctl (or read a captured -o json file) and print the formatted lines."""
+    """Run journalctl (or read a captured -o json file) and print the formatted lines. When
+    nothing could be read: DllamaError; a journal without entries of ours: a line saying so."""
     if lines is not None and lines < 0:
         raise UsageError(f"-n {lines}: expected 0 or more lines")
     if journal_file:
         with open(journal_file, encoding="utf-8", errors="replace") as f:
-            for out in format_lines(f):
-                click.echo(out)
+            if not _echo_all(format_lines(f)):
+                click.echo(f"dllama-ctl: no journal entries in {journal_file}", err=True)
         return
     exe = shutil.which("journalctl")
     if exe is None:
-        raise DllamaError("journalctl is not installed: without systemd the service logs to "
-                          "its standard error")
+        raise DllamaError("journalctl not found: without systemd the service logs to its "
+                          "standard error (--journal-file PATH formats a saved journal)")
+    if follow:
+        check_journal_has_entries(exe)      # else -f would wait in silence for ever
     cmd = [exe] + journalctl_args(follow, lines, oom, since)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             errors="replace")
+    shown = 0
     try:
-        for out in format_lines(proc.stdout):
-            click.echo(out)
+        shown = _echo_all(format_lines(proc.stdout))
     except KeyboardInterrupt:
         pass
     finally:
         if proc.poll() is None:
             proc.terminate()
         _, err = proc.communicate()
-    if "insufficient permissions" in err or "not seeing messages" in err:
-        click.echo("dllama-ctl: warning: this user cannot read the service's journal: run as "
-                   "root or join group systemd-journal", err=True)
+    unreadable = _cannot_read(err)
+    if unreadable and not shown:
+        raise DllamaError(CANNOT_READ)
+    if unreadable:
+        click.echo(f"dllama-ctl: warning: {CANNOT_READ}", err=True)
     elif proc.returncode not in (0, -15) and err.strip():
         raise DllamaError(f"journalctl exited {proc.returncode}: {err.strip().splitlines()[-1]}")
+    if not shown and lines != 0 and not follow:
+        check_journal_has_entries(exe)
+        click.echo(f"dllama-ctl: {_none_of_ours(oom, since)}", err=True)

@@ -159,3 +159,61 @@ def test_serve_logs_one_access_line_per_request(tiny):
     lines = [m.groups() for m in map(access.match, stderr.splitlines()) if m]
     assert lines == [("POST", "/v1/chat/completions", "200"),
                      ("GET", "/v1/nothing-here", "404")], stderr
+
+
+# ---- logs: no journal is an error; a journal without our entries says so -----------------
+OTHER_UNIT_ENTRY = '{"MESSAGE": "sshd started", "PRIORITY": "6", "_HOSTNAME": "pi1"}'
+FAKE_JOURNALCTL = {           # shell lines: what journalctl prints, filtered or not
+    "no journal": ("", ""),
+    "others only": ("case \" $* \" in *\" -u \"*|*MESSAGE_ID=*) exit 0;; esac; "
+                    "echo '%s'" % OTHER_UNIT_ENTRY, ""),
+    "not allowed": ("", "echo 'Hint: You are currently not seeing messages from other users "
+                        "and the system.' >&2"),
+}
+
+
+def run_logs(tmp_path, journalctl, *args):
+    """dllama-ctl logs with `journalctl` (a key of FAKE_JOURNALCTL, or None: not installed)
+    the only journalctl on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if journalctl is not None:
+        fake = bin_dir / "journalctl"
+        fake.write_text("#!/bin/sh\n" + "\n".join(FAKE_JOURNALCTL[journalctl]) + "\n")
+        fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:/nonexistent")
+    return subprocess.run([CTL, "logs", *args], capture_output=True, text=True, env=env,
+                          timeout=60)
+
+
+@pytest.mark.parametrize("journalctl, words", [
+    (None, "journalctl not found"),
+    ("no journal", "journalctl shows no entries at all"),
+    ("not allowed", "join group systemd-journal"),
+])
+@pytest.mark.parametrize("follow", [[], ["-f"]])
+def test_logs_without_a_journal_to_read_is_an_error(journalctl, words, follow, tmp_path):
+    r = run_logs(tmp_path, journalctl, *follow)
+    assert r.stdout == ""
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert_one_line_error(r, errors.EXIT_FAILURE, words)
+
+
+@pytest.mark.parametrize("args, line", [
+    ([], "no journal entries for dllama-node: has the service run on this machine? "
+         "(systemctl status dllama-node)"),
+    (["--oom", "--since", "-1d"], "no memory events in the journal since -1d"),
+])
+def test_logs_of_a_journal_without_our_entries_says_there_are_none(args, line, tmp_path):
+    r = run_logs(tmp_path, "others only", *args)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == ""
+    assert r.stderr == f"dllama-ctl: {line}\n"
+
+
+def test_logs_of_an_empty_saved_journal_says_there_are_none(tmp_path):
+    saved = tmp_path / "pi3.json"
+    saved.write_text("")
+    r = CliRunner().invoke(cli, ["logs", "--journal-file", str(saved)])
+    assert r.exit_code == 0, r.output
+    assert r.stdout == "" and r.stderr == f"dllama-ctl: no journal entries in {saved}\n"
