@@ -30,6 +30,10 @@ class UsageError(DllamaError):
     exit_code = EXIT_USAGE
 
 
+class ContextFullError(UsageError):
+    """A prompt or conversation leaves no room for an answer in the context."""
+
+
 class ModelFileError(DllamaError):
     """The model file is missing, truncated or malformed."""
 
