@@ -41,6 +41,20 @@ cp /etc/resolv.conf "$root/etc/resolv.conf"
 # a network that inspects TLS has its own authority in the host's bundle: pip gets it too
 # (PIP_CERT below); that is a property of the network, not of the set-up being timed
 cp /etc/ssl/certs/ca-certificates.crt "$root/etc/host-ca-bundle.crt"
+# so does the machine's own pip configuration: a machine of this kind may keep wheels on
+# its disk (here torch's CPU wheel, named by a find-links in pip.conf); its configuration
+# files are copied and the local folders they name are bind-mounted read-only
+wheel_dirs=()
+for conf in /etc/pip.conf /etc/xdg/pip /root/.config/pip /root/.pip; do
+  [ -e "$conf" ] && mkdir -p "$root$(dirname "$conf")" && cp -r "$conf" "$root$(dirname "$conf")/"
+done
+for dir in $(.venv/bin/python -m pip config list 2>/dev/null \
+             | grep -E '^[^=]*\.(find-links|index-url|extra-index-url)=' | cut -d= -f2- | tr -d "'" \
+             | tr ' ' '\n' | sed -n 's#^\(file://\)\?\(/.*\)#\2#p'); do
+  while [ ! -d "$dir" ] && [ "$dir" != / ]; do dir=$(dirname "$dir"); done
+  [ "${dir##*/}" = simple ] && dir=$(dirname "$dir")     # an index links to ../files
+  [ "$dir" != / ] && wheel_dirs+=("$dir")
+done
 git clone -q . "$root/root/dllama-node"
 echo "== a fresh bookworm (minbase + systemd) in $root: $(chroot "$root" sh -c \
   'command -v python3 gcc || true' | wc -l) of python3, gcc present; running $COMMAND"
@@ -55,10 +69,12 @@ unshare --mount --propagation private bash -c '
   mount --rbind /dev "$0/dev"
   mount -t tmpfs tmpfs "$0/run"
   mount -t tmpfs tmpfs "$0/tmp"
+  for dir in $1; do mkdir -p "$0$dir" && mount --bind -o ro "$dir" "$0$dir"; done
   exec chroot "$0" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM=dumb \
     PIP_CERT=/etc/host-ca-bundle.crt \
     PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    bash -c "cd /root/dllama-node && $1"' "$root" "$COMMAND" || rc=$?
+    bash -c "cd /root/dllama-node && $2"' "$root" "$(printf '%s\n' "${wheel_dirs[@]}" | sort -u)" \
+  "$COMMAND" || rc=$?
 end=$(date +%s.%N)
 printf "\n== %s on a fresh machine: exit %d, %s s in all (set-up included)\n" \
   "${COMMAND%% &&*}" "$rc" "$(awk "BEGIN { printf \"%.0f\", $end - $start }")"
