@@ -26,6 +26,7 @@ from dllama_node.cluster.wire import check_sync, check_wire
 from dllama_node.common.errors import ClusterError
 from dllama_node.common.memory import current_rss_bytes
 from dllama_node.engine.forward import Transformer
+from dllama_node.engine.context import longer_context_advice
 from dllama_node.engine.generate import Session
 from dllama_node.engine.load import load_weights
 from dllama_node.plan import NodeCapacity, ShardPlan
@@ -192,7 +193,11 @@ class ClusterRoot:
             else:
                 self.sync = RootSync(self.peers, cfg.dim, self.batch, self.wire)
             transformer.sync = self.sync
-            self.session = Session(transformer)
+            # a plan made without an asked length is as long as the nodes' memory allows
+            asked = self.plan.options.max_seq_len is not None
+            self.session = Session(transformer, context_advice=longer_context_advice(
+                self.plan.max_seq_len, self.plan.layout.config.seq_len,
+                None if asked else self.plan.max_seq_len))
             return self.plan
         except BaseException:
             for conn in conns:

@@ -23,6 +23,32 @@ class ContextChoice:
     seq_len: int
     reason: str
     kv_bytes: int
+    model_seq_len: Optional[int] = None    # the model's own context
+    memory_seq_len: Optional[int] = None   # the longest context this node's memory holds
+
+    @property
+    def advice(self) -> str:
+        """What to do about a prompt that does not fit (longer_context_advice)."""
+        return longer_context_advice(self.seq_len, self.model_seq_len or self.seq_len,
+                                     self.memory_seq_len)
+
+
+def longer_context_advice(seq_len: int, model_seq_len: int,
+                          memory_seq_len: Optional[int]) -> str:
+    """What would let a prompt longer than a context of `seq_len` through, true to what
+    limits it: the model's own context (shorten the prompt), this node's memory (shorten
+    it, or more nodes), or only the max-seq-len chosen (raise it, to at most what both
+    allow). memory_seq_len None: not known (a cluster's plan made at an asked length)."""
+    if seq_len >= model_seq_len:
+        return "that is the model's own context: shorten the prompt"
+    if memory_seq_len is None:
+        return (f"shorten the prompt, or raise --max-seq-len if memory allows (the model's "
+                f"context is {model_seq_len})")
+    longest = min(model_seq_len, memory_seq_len)
+    if longest > seq_len:
+        return f"shorten the prompt, or raise --max-seq-len (up to {longest} here)"
+    return (f"that is all this node's memory holds (the model's context is {model_seq_len}): "
+            "shorten the prompt, or run the model on more nodes")
 
 
 def choose_max_seq_len(model_seq_len: int, kv_bytes_per_position: int, fixed_bytes: int,
@@ -52,17 +78,20 @@ def choose_max_seq_len(model_seq_len: int, kv_bytes_per_position: int, fixed_byt
                 f"({mem_note}): use --max-seq-len {fits} or less" if fits >= 1 else
                 f"max-seq-len {requested} does not fit: the weights alone leave no room ({mem_note})")
         return ContextChoice(requested, f"max_seq_len {requested} (as asked)",
-                             requested * kv_bytes_per_position)
+                             requested * kv_bytes_per_position, model_seq_len, fits)
     if fits < 1:
         raise MemoryPlanError(f"this node cannot hold the model: {mem_note}; it needs "
                               f"{format_bytes(fixed_bytes + reserve_bytes - available_bytes)} more, "
                               "or a smaller quantization, or more nodes")
-    seq_len = min(model_seq_len, fits, cap)
+    longest = min(model_seq_len, fits)
+    seq_len = min(longest, cap)
     if seq_len == model_seq_len:
-        why = f"the model's context; memory would allow {fits}"
-    elif seq_len == cap:
-        why = (f"the default cap {cap} (model's context {model_seq_len}, memory would allow "
-               f"{fits}); raise it with --max-seq-len")
+        why = "the model's context"
+    elif seq_len < longest:
+        why = (f"the default cap {cap} (the model's context is {model_seq_len}); --max-seq-len "
+               f"raises it up to {longest}" + (", what memory allows" if fits < model_seq_len
+                                               else ""))
     else:
         why = f"what memory allows ({mem_note}); the model's context is {model_seq_len}"
-    return ContextChoice(seq_len, f"max_seq_len {seq_len}: {why}", seq_len * kv_bytes_per_position)
+    return ContextChoice(seq_len, f"max_seq_len {seq_len}: {why}", seq_len * kv_bytes_per_position,
+                         model_seq_len, fits)

@@ -15,7 +15,7 @@ from typing import Callable, Iterator, List, Optional, Sequence
 
 import numpy as np
 
-from dllama_node.common.errors import UsageError
+from dllama_node.common.errors import ContextFullError, UsageError
 from dllama_node.engine.forward import Transformer
 from dllama_node.engine.sampler import Sampler
 
@@ -42,6 +42,8 @@ class Session:
     transformer: Transformer
     cached: List[int] = field(default_factory=list)   # ids whose K/V are in the cache
     timings: Timings = field(default_factory=Timings)
+    # what to do about a prompt longer than the context (engine/context.py's advice)
+    context_advice: str = "shorten the prompt"
 
     @property
     def seq_len(self) -> int:
@@ -87,9 +89,8 @@ class Session:
         if max_tokens < 0:
             raise UsageError(f"max tokens {max_tokens}: expected 0 or more")
         if len(prompt) >= self.seq_len:
-            raise UsageError(f"the prompt has {len(prompt)} tokens, the context holds "
-                             f"{self.seq_len} (max-seq-len): shorten the prompt or raise "
-                             "--max-seq-len")
+            raise ContextFullError(f"the prompt has {len(prompt)} tokens, the context holds "
+                                   f"{self.seq_len}: {self.context_advice}")
         self.timings = Timings()
         logits = self._eval_prompt(prompt, progress)
         stop = set(int(i) for i in stop_ids)

@@ -63,7 +63,8 @@ class LocalNode:
         except BaseException:
             model.close()
             raise
-        return cls(model, tok, weights, context, transformer, Session(transformer))
+        return cls(model, tok, weights, context, transformer,
+                   Session(transformer, context_advice=context.advice))
 
     def close(self) -> None:
         self.model.close()
