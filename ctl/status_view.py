@@ -4,7 +4,12 @@ status answer of the control socket (daemon/control.py):
     {"node_id", "state", "root_id", "term", "peers": [advert dicts], "plan": dict | null,
      "plan_table": str | null, "nodes": [{"node_id", "role", "address",
      "available_ram_bytes", "free_swap_bytes", "memlock_limit_bytes", "cores", "slice",
-     "planned_bytes", "locked", "tok_s", "state"}], "last_error"}
+     "planned_bytes", "locked", "locked_bytes", "tok_s", "state"}], "last_error"}
+
+"node_id" is the node that answered (asked on a worker, the root's answer carries the
+worker's id): its row is the one marked "(this node)". Slices print in the plan's notation,
+half-open [start,stop). The locked column shows the bytes a node locked in RAM, NO when it
+locked none, - when it did not say.
 
 A daemon that does not send "nodes" yet (an older one) still gets a table: this node and
 its peers from "peers", roles and slices from "plan".
@@ -14,20 +19,19 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence
 
 from dllama_node.common.units import format_bytes
+from dllama_node.plan.table import slice_cell
 
 COLUMNS = ("node", "role", "address", "RAM", "swap", "slice", "locked", "tok/s", "state")
+THIS_NODE = " (this node)"
 
 
 def slice_text(plan_node: dict) -> str:
-    """A plan node's rows in a few characters: half-open ranges [start, stop)."""
+    """A plan node's rows in the plan's notation: half-open ranges [start,stop)."""
     if plan_node.get("role") == "coordinator":
         return "coordinator (no rows)"
-    parts = []
-    for key, short in (("q_heads", "heads"), ("ffn_rows", "ffn"), ("vocab_rows", "vocab")):
-        start, stop = (list(plan_node.get(key) or (0, 0)) + [0, 0])[:2]
-        if stop > start:
-            parts.append(f"{short} {start}:{stop}")
-    return " ".join(parts) or "-"
+    ranges = [(list(plan_node.get(key) or (0, 0)) + [0, 0])[:2]
+              for key in ("q_heads", "ffn_rows", "vocab_rows")]
+    return slice_cell(*ranges)
 
 
 def nodes_from_status(status: dict) -> List[dict]:
@@ -53,8 +57,7 @@ def nodes_from_status(status: dict) -> List[dict]:
         memory = (p or {}).get("memory", {})
         rows.append({
             "node_id": node_id, "role": role,
-            "address": f"{a['address']}:{a['port']}" if a.get("address") else
-                       ("this node" if node_id == status.get("node_id") else ""),
+            "address": f"{a['address']}:{a['port']}" if a.get("address") else "",
             "available_ram_bytes": a.get("available_ram_bytes", memory.get("available")),
             "free_swap_bytes": a.get("free_swap_bytes"),
             "memlock_limit_bytes": a.get("memlock_limit_bytes", memory.get("memlock_limit")),
@@ -73,7 +76,11 @@ def _cell_bytes(n) -> str:
     return "-" if n is None else format_bytes(n)
 
 
-def _cell_locked(v) -> str:
+def _cell_locked(row: dict) -> str:
+    """The bytes locked; NO for none; yes when an older daemon sends only "locked"."""
+    n, v = row.get("locked_bytes"), row.get("locked")
+    if isinstance(n, int):
+        return format_bytes(n) if n > 0 else "NO"
     return "-" if v is None else ("yes" if v else "NO")
 
 
@@ -82,17 +89,17 @@ def _cell_tok_s(v) -> str:
 
 
 def nodes_table(rows: Sequence[dict], this_node: Optional[str] = None) -> str:
-    """The table, one line per node; this node marked with '*'."""
+    """The table, one line per node; this node (the one that answered) marked "(this node)"."""
     cells = [COLUMNS]
     for r in rows:
-        mark = "*" if r.get("node_id") == this_node else ""
+        mark = THIS_NODE if r.get("node_id") == this_node else ""
         cells.append((f"{r.get('node_id', '?')}{mark}", str(r.get("role") or "-"),
                       str(r.get("address") or "-"), _cell_bytes(r.get("available_ram_bytes")),
                       _cell_bytes(r.get("free_swap_bytes")), str(r.get("slice") or "-"),
-                      _cell_locked(r.get("locked")), _cell_tok_s(r.get("tok_s")),
+                      _cell_locked(r), _cell_tok_s(r.get("tok_s")),
                       str(r.get("state") or "-")))
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
-    right = {3, 4, 7}                      # numbers line up on the right
+    right = {3, 4, 6, 7}                   # numbers line up on the right
     lines = []
     for row in cells:
         lines.append("  ".join(c.rjust(w) if i in right else c.ljust(w)

@@ -27,7 +27,8 @@ FINISHED = ("loaded", "kept", "failed")
 
 @dataclass(frozen=True)
 class NodeLoad:
-    """One node's slice load: phase, bytes done of total, seconds since it began."""
+    """One node's slice load: phase, bytes done of total, seconds since it began; once
+    loaded, the bytes it locked in RAM (None: not known, or locking is off)."""
 
     node_id: str
     load_id: str
@@ -36,6 +37,7 @@ class NodeLoad:
     total: int
     elapsed_s: float = 0.0
     detail: str = ""
+    locked_bytes: Optional[int] = None
 
     @property
     def finished(self) -> bool:
@@ -44,7 +46,8 @@ class NodeLoad:
     def to_dict(self) -> dict:
         return {"node_id": self.node_id, "load_id": self.load_id, "phase": self.phase,
                 "done": int(self.done), "total": int(self.total),
-                "elapsed_s": round(float(self.elapsed_s), 3), "detail": self.detail}
+                "elapsed_s": round(float(self.elapsed_s), 3), "detail": self.detail,
+                "locked_bytes": self.locked_bytes}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Optional["NodeLoad"]:
@@ -56,9 +59,11 @@ class NodeLoad:
             return None
         if phase not in PHASES or done < 0 or total < 0:
             return None
+        locked = d.get("locked_bytes")
         return cls(str(d.get("node_id", "")), str(d.get("load_id", "")), phase,
                    min(done, total) if total else done, total,
-                   float(d.get("elapsed_s") or 0.0), str(d.get("detail") or ""))
+                   float(d.get("elapsed_s") or 0.0), str(d.get("detail") or ""),
+                   locked if type(locked) is int and locked >= 0 else None)
 
 
 class LoadProgress:
@@ -89,14 +94,16 @@ class LoadProgress:
                                             self._clock() - self._started[node_id],
                                             detail or (old.detail if phase == old.phase else ""))
 
-    def finish(self, node_id: str, phase: str = "loaded", detail: str = "") -> None:
+    def finish(self, node_id: str, phase: str = "loaded", detail: str = "",
+               locked_bytes: Optional[int] = None) -> None:
         with self._lock:
             old = self._loads.get(node_id)
             if old is None:
                 return
             done = old.done if phase == "failed" else old.total
             self._loads[node_id] = NodeLoad(node_id, old.load_id, phase, done, old.total,
-                                            self._clock() - self._started[node_id], detail)
+                                            self._clock() - self._started[node_id], detail,
+                                            locked_bytes)
 
     def get(self, node_id: str) -> Optional[NodeLoad]:
         with self._lock:

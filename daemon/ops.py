@@ -3,14 +3,17 @@ daemon/forward.py between nodes). The root answers them itself; any other node f
 the ones that need the root (generate, plan, models, the cluster's status) there.
 
     status   -> this node, the root, the term, every node's row (role, address, memory,
-                slice, state), the plan and its table
+                slice as [start,stop) ranges, locked bytes, state), the plan and its table;
+                asked on a worker, the root's answer with this node's id and the addresses
+                the root does not know of itself
     generate -> {"prompt"} or {"messages"} with sampler settings and stop strings; streams
                 {"token", "text"} lines, ends with text, tokens, prompt_tokens, finish_reason
     models   -> the model files the cluster's nodes hold, by identity
     plan     -> a dry run: the plan for a model (this node's, or "model") and max_seq_len over
                 the nodes present now, with its table
     ping     -> {"node_id"}: checks that a peer holds the cluster key (the handshake did that)
-    progress -> this node's own slice load (daemon/load_progress.py), asked by the root
+    progress -> this node's own slice load (daemon/load_progress.py), asked by the root;
+                once loaded, with the bytes it locked in RAM
     report   -> how this node's previous run ended (kind, message, fixes, journal fields)
 """
 from __future__ import annotations
@@ -31,6 +34,20 @@ if TYPE_CHECKING:                                  # pragma: no cover
 log = logging.getLogger(__name__)
 
 ROOT_OPS = ("generate", "plan", "models")
+
+
+def locked_bytes_by_node(loading: Optional[dict]) -> dict:
+    """node id -> bytes it locked in RAM, from the loading view's finished rows (a node
+    reports them with the end of its load); nodes that did not say are left out."""
+    rows = (loading or {}).get("nodes") or ()
+    return {r["node_id"]: r["locked_bytes"] for r in rows
+            if type(r.get("locked_bytes")) is int and r.get("node_id")}
+
+
+def with_addresses(rows: List[dict], addresses: dict) -> List[dict]:
+    """The root's rows with the addresses it does not know (its own) filled in from what the
+    asking node reaches; rows that have one keep it."""
+    return [dict(r, address=r.get("address") or addresses.get(r.get("node_id"), "")) for r in rows]
 
 
 class ControlOps:
@@ -129,28 +146,40 @@ class ControlOps:
                  "term": s.election.term, "last_error": s.last_error,
                  "peers": [a.to_dict() for a in s.discovery.peers()] if s.discovery else []}
         if self._is_root() or request.get("local") or not s.election.root_id:
-            view = dict(local, **self.cluster_view())
+            loading = await self.loading_view() if self._is_root() else None
+            view = dict(local, **self.cluster_view(loading))
             if self._is_root():
-                view["loading"] = await self.loading_view()
+                view["loading"] = loading
             return view
         try:
             remote = await self._to_root({"op": "status"}, emit)
         except ClusterError as e:
             return dict(local, plan=None, plan_table=None, nodes=self.node_rows(None),
                         loading=None, last_error=f"the root did not answer: {e}")
+        rows = remote.get("nodes")
+        if isinstance(rows, list):        # the root cannot know its own reachable address
+            remote["nodes"] = with_addresses(rows, self.peer_addresses())
         return dict(remote, node_id=s.config.node_id, state=s.state, asked_root=True)
 
-    def cluster_view(self) -> dict:
+    def peer_addresses(self) -> dict:
+        """node id -> "host:port" of the peers this node reaches."""
+        peers = self.s.discovery.peers() if self.s.discovery else []
+        return {a.node_id: f"{a.address}:{a.port}" for a in peers if a.address}
+
+    def cluster_view(self, loading: Optional[dict] = None) -> dict:
         from dllama_node.plan import format_plan
         root = self.s.root
         plan = root.plan if root is not None and root.ready else None
         return {"plan": plan.to_dict() if plan else None,
                 "plan_table": format_plan(plan) if plan else None,
-                "nodes": self.node_rows(plan)}
+                "nodes": self.node_rows(plan, locked_bytes_by_node(loading))}
 
-    def node_rows(self, plan) -> List[dict]:
-        """One row per node this node knows, itself first."""
+    def node_rows(self, plan, locked: Optional[dict] = None) -> List[dict]:
+        """One row per node this node knows, itself first. locked: node id -> the bytes it
+        locked, as it reported at the end of its load (this node's own: its own record)."""
+        from dllama_node.plan.table import slice_cell
         s = self.s
+        locked = dict(locked or {}, **{s.config.node_id: s.locked_bytes})
         me = s.advert()
         adverts = [me.replace(state=s.state)] + (s.discovery.peers() if s.discovery else [])
         in_plan = {n.node_id: n for n in plan.nodes} if plan else {}
@@ -166,17 +195,16 @@ class ControlOps:
                 role = "worker"
             else:
                 role = "standby"
-            slice_text = ""
-            if n is not None:
-                slice_text = (f"heads {n.q_heads[0]}-{n.q_heads[1]}, ffn rows "
-                              f"{n.ffn_rows[0]}-{n.ffn_rows[1]}")
+            slice_text = slice_cell(n.q_heads, n.ffn_rows, n.vocab_rows) if n is not None else ""
+            locked_bytes = locked.get(a.node_id)
             rows.append({
                 "node_id": a.node_id, "role": role,
-                "address": f"{a.address}:{a.port}" if a.address else f"(this node):{a.port}",
+                "address": f"{a.address}:{a.port}" if a.address else "",
                 "available_ram_bytes": a.available_ram_bytes, "free_swap_bytes": a.free_swap_bytes,
                 "memlock_limit_bytes": a.memlock_limit_bytes, "cores": a.cores, "speed": a.speed,
                 "slice": slice_text, "planned_bytes": n.memory.total if n is not None else None,
-                "locked": (s.locked if a.node_id == s.config.node_id else None),
+                "locked": None if locked_bytes is None else locked_bytes > 0,
+                "locked_bytes": locked_bytes,
                 "tok_s": (self.last_decode_tok_s if role in ("root", "coordinator") else None),
                 "state": a.state or "", "excluded_reason": excluded.get(a.node_id)})
         return rows

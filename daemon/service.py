@@ -69,7 +69,7 @@ class NodeService:
         self.refused: Dict[str, str] = {}    # instance -> why (wrong key): left out of plans
         self.verified: set = set()           # instances that proved they hold the key
         self.probing: set = set()
-        self.locked: Optional[bool] = None   # whether this node's slice is locked in RAM
+        self.locked_bytes: Optional[int] = None  # of its slice locked in RAM; None: not tried
         self.control_port = 0
         self.http_port = 0
         self.last_exit = ""
@@ -153,7 +153,7 @@ class NodeService:
         try:
             self._lock_arrays(transformer)
         finally:
-            self.loading.finish(me, "loaded", source)
+            self.loading.finish(me, "loaded", source, locked_bytes=self.locked_bytes)
 
     def _lock_arrays(self, transformer) -> None:
         arrays = [transformer.cache.data]
@@ -162,7 +162,7 @@ class NodeService:
                        lw.w_down[0]]
         arrays.append(transformer.w.output[0])
         result = lock_memory([a for a in arrays if a.size], node_id=self.config.node_id)
-        self.locked = result.ok and result.locked_bytes > 0
+        self.locked_bytes = result.locked_bytes
         log.info("memory lock: %s", result.to_dict())
 
     def advert(self) -> NodeAdvert:

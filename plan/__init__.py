@@ -8,7 +8,7 @@ journaled as JSON before anything loads.
     data.py         the plan's data types: NodeCapacity, PlanOptions, ShardPlan, NodeSlice, PlanError
     shard_plan.py   plan_shards(): units placed by speed within memory, the default max_seq_len
     advice.py       reasons, warnings and the PlanError message with what would fit
-    table.py        format_plan(): the per-node table
+    table.py        format_plan(): the slice and memory tables; the range notation [start,stop)
 """
 from .accounting import MemoryNeed, NodeMemory, SliceCounts, memory_need
 from .layout import LayerTypes, ModelLayout

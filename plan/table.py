@@ -27,7 +27,8 @@ MEMORY_HEADERS = ("node", "weights", "KV cache", "buffers", "reserve", "total", 
 PARTS = ("weights", "kv_cache", "buffers", "reserve")      # they add up to total
 SLICE_NOTE = "(q/kv heads, ffn and vocab rows: half-open ranges; kv heads held by two nodes count twice)"
 MEMORY_NOTE = ("(MiB; a node's parts add up to its total, rounded up; available and headroom rounded\n"
-               " down; locked: the MiB the node mlocks, or no; totals: the sums of the cells above)")
+               " down; locked: its weights and KV cache, which it mlocks, or no; totals: sums of the\n"
+               " cells above)")
 
 
 def round_to_sum(values: Sequence[int], unit: int, total_units: int) -> List[int]:
@@ -49,18 +50,27 @@ def round_to_sum(values: Sequence[int], unit: int, total_units: int) -> List[int
     return units
 
 
-def _range(r) -> str:
+def range_text(r) -> str:
+    """A half-open range as the plan prints it: [start,stop), or - when empty."""
     return "-" if r[1] <= r[0] else f"[{r[0]},{r[1]})"
+
+
+def slice_cell(q_heads, ffn_rows, vocab_rows) -> str:
+    """A node's slice in one cell, in the plan's notation, empty parts left out:
+    'heads [0,16) ffn [0,2816) vocab [0,16000)'; '-' when it holds none."""
+    parts = [f"{name} {range_text(r)}" for name, r in
+             (("heads", q_heads), ("ffn", ffn_rows), ("vocab", vocab_rows)) if r[1] > r[0]]
+    return " ".join(parts) or "-"
 
 
 def _memory_cells(node: NodeSlice) -> List[int]:
     """weights, KV cache, buffers, reserve, total, available, swap, headroom, locked (MiB;
-    locked -1 when the node does not lock)."""
+    locked: weights + KV cache, the arrays the service mlocks; -1 when the node does not lock)."""
     m = node.memory
     total = math.ceil(m.total / MiB)
     parts = round_to_sum([getattr(m, name) for name in PARTS], MiB, total)
     return parts + [total, m.available // MiB, math.ceil(m.swap_used / MiB), m.headroom // MiB,
-                    total if m.lock else -1]
+                    parts[0] + parts[1] if m.lock else -1]
 
 
 def _align(rows: Sequence[Sequence[str]], n_left: int) -> List[str]:
@@ -80,8 +90,8 @@ def slice_table(plan: ShardPlan) -> List[str]:
     """Which query heads, KV heads, FFN rows and vocabulary rows each node holds."""
     nodes = plan.nodes
     rows = [list(SLICE_HEADERS)]
-    rows += [[n.node_id, n.role, _range(n.q_heads), _range(n.kv_heads), _range(n.ffn_rows),
-              _range(n.vocab_rows)] for n in nodes]
+    rows += [[n.node_id, n.role, range_text(n.q_heads), range_text(n.kv_heads),
+              range_text(n.ffn_rows), range_text(n.vocab_rows)] for n in nodes]
     rows.append(["total", f"{plan.n_nodes} nodes", str(sum(n.n_q_heads for n in nodes)),
                  str(sum(n.n_kv_heads for n in nodes)), str(sum(n.n_ffn_rows for n in nodes)),
                  str(sum(n.n_vocab_rows for n in nodes))])

@@ -15,6 +15,7 @@ from dllama_node.ctl.cli import cli
 from dllama_node.ctl.chat_repl import ChatSession, MessageReader
 from dllama_node.ctl.daemon_client import DaemonClient, error_from_answer
 from dllama_node.ctl.status_view import format_status, nodes_from_status, slice_text
+from dllama_node.daemon.ops import with_addresses
 from tests.ctl_fake_daemon import FakeDaemon
 
 GIB = 1 << 30
@@ -39,8 +40,8 @@ def streamed(pieces, **final):
     return lines
 
 
-STATUS = {
-    "node_id": "pi-b", "state": "serving", "root_id": "pi-a", "term": 3,
+STATUS = {                              # asked on pi-b, a worker: the root's answer
+    "node_id": "pi-b", "state": "serving", "root_id": "pi-a", "term": 3, "asked_root": True,
     "peers": [], "plan": {"model": "llama 1.1B q4_0", "max_seq_len": 2048,
                           "seq_len_reason": "fits every node",
                           "nodes": [], "excluded": [{"node_id": "pi-z",
@@ -50,12 +51,13 @@ STATUS = {
     "nodes": [
         {"node_id": "pi-a", "role": "root", "address": "10.0.0.1:7321",
          "available_ram_bytes": 3 * GIB, "free_swap_bytes": 0, "memlock_limit_bytes": -1,
-         "cores": 4, "slice": "heads 0:16 ffn 0:2816", "planned_bytes": 400 << 20,
-         "locked": True, "tok_s": 7.25, "state": "serving"},
+         "cores": 4, "slice": "heads [0,16) ffn [0,2816)", "planned_bytes": 400 << 20,
+         "locked": True, "locked_bytes": 400 << 20, "tok_s": 7.25, "state": "serving"},
         {"node_id": "pi-b", "role": "worker", "address": "10.0.0.2:7321",
          "available_ram_bytes": GIB // 2, "free_swap_bytes": 100 << 20,
-         "memlock_limit_bytes": 8 << 20, "cores": 4, "slice": "heads 16:32 ffn 2816:5632",
-         "planned_bytes": 400 << 20, "locked": False, "tok_s": None, "state": "serving"},
+         "memlock_limit_bytes": 8 << 20, "cores": 4, "slice": "heads [16,32) ffn [2816,5632)",
+         "planned_bytes": 400 << 20, "locked": False, "locked_bytes": 0, "tok_s": None,
+         "state": "serving"},
         {"node_id": "pi-z", "role": "excluded", "address": "10.0.0.9:7321",
          "available_ram_bytes": 300 << 20, "free_swap_bytes": 0, "memlock_limit_bytes": -1,
          "cores": 1, "slice": "", "planned_bytes": 0, "locked": None, "tok_s": None,
@@ -78,8 +80,8 @@ def test_status_table_shows_every_node_and_the_plan():
         assert col in header
     row_a = next(l for l in lines if l.startswith("pi-a "))
     assert "root" in row_a and "10.0.0.1:7321" in row_a and "3.0 GiB" in row_a
-    assert "yes" in row_a and "7.2" in row_a and "heads 0:16 ffn 0:2816" in row_a
-    row_b = next(l for l in lines if l.startswith("pi-b*"))        # this node
+    assert "400.0 MiB" in row_a and "7.2" in row_a and "heads [0,16) ffn [0,2816)" in row_a
+    row_b = next(l for l in lines if l.startswith("pi-b (this node) "))
     assert "512.0 MiB" in row_b and "100.0 MiB" in row_b and "NO" in row_b
     assert "not locked in RAM: pi-b" in r.stdout
     assert "pi-a   300 MiB  44 MiB" in r.stdout                      # the plan table
@@ -119,16 +121,47 @@ def test_status_of_an_older_daemon_without_nodes_is_built_from_peers_and_plan():
            "last_error": ""}
     rows = nodes_from_status(old)
     assert [(r["node_id"], r["role"], r["slice"], r["locked"]) for r in rows] == [
-        ("a", "root", "heads 0:4 ffn 0:64 vocab 0:100", True),
-        ("b", "worker", "heads 4:8 ffn 64:128 vocab 100:256", False)]
+        ("a", "root", "heads [0,4) ffn [0,64) vocab [0,100)", True),
+        ("b", "worker", "heads [4,8) ffn [64,128) vocab [100,256)", False)]
     assert rows[1]["address"] == "10.0.0.2:7321"
     text = format_status(old)
     assert "not locked in RAM: b" in text
 
 
+def test_status_asked_on_a_worker_marks_the_worker_and_shows_what_each_node_locked():
+    root_rows = [dict(r) for r in STATUS["nodes"]]
+    root_rows[0]["address"] = ""                      # the root does not know its own address
+    root_rows[1].update(locked=True, locked_bytes=300 << 20)    # the worker's own report
+    rows = with_addresses(root_rows, {"pi-a": "10.0.0.1:7321", "pi-b": "10.9.9.9:1"})
+    assert [r["address"] for r in rows] == ["10.0.0.1:7321", "10.0.0.2:7321", "10.0.0.9:7321"]
+    text = format_status(dict(STATUS, nodes=rows))
+    assert text.count("(this node)") == 1 and "*" not in text
+    table = text.splitlines()
+    row_a = next(l for l in table if l.startswith("pi-a "))
+    row_b = next(l for l in table if l.startswith("pi-b (this node) "))
+    assert "10.0.0.1:7321" in row_a and "400.0 MiB" in row_a
+    assert "300.0 MiB" in row_b and "[16,32)" in row_b                  # the worker's locked bytes
+    assert "not locked in RAM" not in text
+
+
+def test_status_slices_use_the_plans_notation():
+    from dllama_node.plan import ModelLayout, NodeCapacity, format_plan, plan_shards
+    from tests.test_plan import TINYLLAMA
+
+    plan = plan_shards(ModelLayout.uniform(TINYLLAMA),
+                       [NodeCapacity(f"n{i}", GIB, 0, -1, 4, 1.0) for i in range(3)])
+    table = format_plan(plan)
+    for node in plan.to_dict()["nodes"]:
+        text = slice_text(node)
+        assert text.startswith("heads [") and ":" not in text and "-" not in text, text
+        plan_row = next(l for l in table.splitlines() if l.startswith(node["node_id"] + " "))
+        for part in text.split()[1::2]:                  # heads R ffn R vocab R
+            assert part in plan_row.split(), (part, plan_row)
+
+
 def test_slice_text_of_a_coordinator_and_an_empty_range():
     assert slice_text({"role": "coordinator"}) == "coordinator (no rows)"
-    assert slice_text({"role": "worker", "q_heads": [0, 0], "ffn_rows": [32, 64]}) == "ffn 32:64"
+    assert slice_text({"role": "worker", "q_heads": [0, 0], "ffn_rows": [32, 64]}) == "ffn [32,64)"
 
 
 # ---- errors ---------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import time
 import pytest
 
 from dllama_node.cluster.auth import generate_key, write_key
+from dllama_node.common.units import format_bytes
 from dllama_node.daemon.control import request
 from dllama_node.model.generate import PRESETS, write_random_model
 from tests.test_daemon_service import NODE
@@ -152,6 +153,40 @@ def test_status_wait_in_a_pipe_shows_each_node_loading(tmp_path, model):
         assert again["loading"]["nodes"] == status["loading"]["nodes"]
     finally:
         pair.close()
+
+
+def test_status_asked_on_the_worker_marks_it_and_shows_its_locked_bytes(tmp_path, model):
+    pair = Pair(tmp_path, model)
+    try:
+        _run, status = pair.status_wait("n2")
+        r = subprocess.run([CTL, "status", "--socket", pair.sock["n2"]], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, r.stderr + pair.logs()
+        answer = list(request(pair.sock["n2"], {"op": "status"}))[-1]
+    finally:
+        pair.close()
+    rows = {n["node_id"]: n for n in answer["nodes"]}
+    # the root's own address, which it does not know, comes from the worker's peer list
+    assert rows["n1"]["address"].startswith("127.0.0.1:"), rows["n1"]
+    assert rows["n2"]["address"].startswith("127.0.0.1:"), rows["n2"]
+    planned = {n["node_id"]: n for n in status["plan"]["nodes"]}
+    for node in ("n1", "n2"):         # each locked its slice (or said it locked none)
+        locked = rows[node]["locked_bytes"]
+        assert isinstance(locked, int), rows[node]
+        assert locked == 0 or locked >= planned[node]["memory"]["weights"], (locked, planned[node])
+    lines = r.stdout.splitlines()
+    assert r.stdout.count("(this node)") == 1 and "this node  n2 (" in r.stdout, r.stdout
+    row_n1 = next(ln for ln in lines if ln.startswith("n1 "))
+    row_n2 = next(ln for ln in lines if ln.startswith("n2 (this node) "))
+    assert rows["n1"]["address"] in row_n1
+    locked_cell = "NO" if rows["n2"]["locked_bytes"] == 0 else format_bytes(rows["n2"]["locked_bytes"])
+    assert locked_cell in row_n2.split("  "), row_n2
+    q0, q1 = planned["n2"]["q_heads"]
+    f0, f1 = planned["n2"]["ffn_rows"]
+    assert f"heads [{q0},{q1}) ffn [{f0},{f1})" in row_n2                  # the plan's notation
+    table_row = next(ln for ln in lines if ln.startswith("n2 ") and f"[{q0},{q1})" in ln
+                     and ln is not row_n2)
+    assert f"[{f0},{f1})" in table_row                                      # the plan table beside it
 
 
 @pytest.mark.skipif(TMUX is None, reason="tmux is not installed")

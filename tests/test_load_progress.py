@@ -13,6 +13,7 @@ from dllama_node.ctl.load_view import (LoadDisplay, bar, is_serving, load_line, 
                                        percent, wait_until_serving, waiting_line)
 from dllama_node.daemon.load_progress import (LoadProgress, NodeLoad, loading_done,
                                               merge_loading)
+from dllama_node.daemon.ops import locked_bytes_by_node
 
 
 class Clock:
@@ -73,6 +74,22 @@ def test_a_record_from_the_wire_is_checked():
     for bad in ({}, dict(good, phase="dancing"), dict(good, done=-1), dict(good, total="x"),
                 dict(good, done=None)):
         assert NodeLoad.from_dict(bad) is None, bad
+
+
+def test_a_finished_load_carries_the_bytes_locked_over_the_wire():
+    lp = LoadProgress(Clock())
+    lp.begin("n2", "L", 5 << 30)
+    lp.update("n2", "locking", 5 << 30)
+    lp.finish("n2", "loaded", "from its model file", locked_bytes=(5 << 30) + 4096)
+    r = lp.get("n2")
+    assert r.locked_bytes == (5 << 30) + 4096                      # 64-bit bytes
+    assert NodeLoad.from_dict(r.to_dict()) == r
+    assert NodeLoad.from_dict(dict(r.to_dict(), locked_bytes=None)).locked_bytes is None
+    for bad in (-1, "66", True, 1.5):
+        assert NodeLoad.from_dict(dict(r.to_dict(), locked_bytes=bad)).locked_bytes is None, bad
+    loading = {"nodes": [r.to_dict(), NodeLoad("n3", "L", "reading", 1, 9).to_dict()]}
+    assert locked_bytes_by_node(loading) == {"n2": (5 << 30) + 4096}
+    assert locked_bytes_by_node(None) == {}
 
 
 def test_merge_prefers_a_members_own_record_of_this_load():

@@ -73,7 +73,7 @@ def test_every_figure_is_there(plan):
         m = n.memory
         assert int(r[6]) == m.available // MiB and int(r[8]) == m.headroom // MiB
         assert int(r[7]) == math.ceil(m.swap_used / MiB)
-        assert r[9] == (r[5] if m.lock else "no")
+        assert r[9] == (str(int(r[1]) + int(r[2])) if m.lock else "no")      # weights + KV cache
 
 
 def test_a_nodes_parts_add_up_to_its_total_rounded_up(plan):
