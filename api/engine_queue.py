@@ -1,5 +1,6 @@
 """One generation at a time on the engine; the requests behind it wait in a bounded queue.
 
+    job = make_job(request, tokenizer, max_seq_len)     # tokenized, fitted to the context
     queue = EngineQueue(backend, queue_size=8)
     outcome = await queue.run(job, gone, on_text)
 
@@ -20,7 +21,10 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable, List, Optional
 
 from dllama_node.api.backend import Backend, stop_ids
+from dllama_node.api.openai import ApiError, CompletionRequest, bad
+from dllama_node.common.errors import ContextFullError
 from dllama_node.engine.sampler import SamplerSettings
+from dllama_node.tokenizer.conversation_fit import AnswerBudget, answer_reserve, fit_chat
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +46,14 @@ class ClientGone(Exception):
 @dataclass
 class Job:
     prompt_ids: List[int]
-    max_tokens: int                       # at most the context left after the prompt
+    budget: AnswerBudget                  # max_tokens, at most the context left after the prompt
     sampler: SamplerSettings
     stop: List[str] = field(default_factory=list)
+    dropped_turns: int = 0                # the conversation's oldest turns left out
+
+    @property
+    def max_tokens(self) -> int:
+        return self.budget.tokens
 
 
 @dataclass
@@ -53,6 +62,43 @@ class Outcome:
     finish_reason: str                    # "stop" (end of turn or a stop string) or "length"
     completion_tokens: int
     cancelled: bool = False
+    limit: Optional[str] = None           # with "length": "context" or "max_tokens"
+
+
+def make_job(req: CompletionRequest, tokenizer, seq_len: int) -> Job:
+    """Tokenize and size a request: a chat's messages fitted to the context (its oldest
+    turns left out unless req.truncate is False), a prompt checked against it. ApiError
+    400 (code context_length_exceeded) names the prompt's tokens and the context."""
+    param = "messages" if req.chat else "prompt"
+    dropped = 0
+    if req.chat:
+        try:
+            ids, fit = fit_chat(tokenizer, req.messages, seq_len,
+                                answer_reserve(seq_len, req.max_tokens), req.truncate)
+        except ContextFullError as e:
+            raise ApiError(400, f"messages: {e}" + ("" if req.truncate else
+                                                     ' ("truncate": true)'),
+                           param=param, code="context_length_exceeded") from None
+        dropped = fit.dropped_turns
+        if dropped:
+            log.info("the oldest %d turn(s) of the conversation left out: the context holds %d "
+                     "tokens", dropped, seq_len)
+    elif isinstance(req.prompt, str):
+        ids = tokenizer.encode(req.prompt)
+    else:
+        ids = req.prompt
+        wrong = [t for t in ids if not 0 <= t < tokenizer.vocab_size]
+        if wrong:
+            raise bad("prompt", f"prompt token id {wrong[0]}: expected ids in "
+                                f"[0, {tokenizer.vocab_size})")
+    if not ids:
+        raise bad(param, f"{param} encodes to no tokens: give some text")
+    if len(ids) >= seq_len:
+        raise ApiError(400, f"{param}: the prompt has {len(ids)} tokens, the context holds "
+                            f"{seq_len} (prompt and answer together): shorten it",
+                       param=param, code="context_length_exceeded")
+    return Job(list(map(int, ids)), AnswerBudget(req.max_tokens, seq_len, len(ids)),
+               req.sampler, req.stop, dropped)
 
 
 class EngineQueue:
@@ -166,7 +212,7 @@ class EngineQueue:
         tok = self.backend.tokenizer
         stream = TextStream(tok, job.stop)
         produced = 0
-        finish = "stop"
+        limit = None
         gen = self.backend.generate(job.prompt_ids, job.max_tokens, job.sampler, stop_ids(tok),
                                     cancel)
         try:
@@ -179,10 +225,11 @@ class EngineQueue:
                     break
             else:
                 # the backend ends early only at an end-of-turn id: max_tokens fits the context
-                finish = "length" if produced >= job.max_tokens else "stop"
+                limit = job.budget.limit(produced)
         finally:
             gen.close()
         tail = stream.flush()
         if tail:
             post(("text", tail))
-        return Outcome(stream.text, finish, produced, cancelled=cancel.is_set())
+        return Outcome(stream.text, "stop" if limit is None else "length", produced,
+                       cancelled=cancel.is_set(), limit=limit)

@@ -10,8 +10,10 @@ Fields we accept: model (any string; answers name the served model), messages or
 max_tokens (or max_completion_tokens), temperature [0, 2], top_p [0, 1], top_k (an
 extension, as llama.cpp's server), repetition_penalty (extension), seed, stop (a string
 or up to 4), stream, stream_options.include_usage, n (1 only), frequency_penalty and
-presence_penalty (0 only), user (ignored). Other fields are ignored. Values left out take
-the engine's sampler defaults (engine/sampler.py), not OpenAI's.
+presence_penalty (0 only), user (ignored), truncate (an extension, chat only: true by
+default, the oldest turns of a conversation longer than the context are left out, as
+tokenizer/conversation_fit.py decides; false answers 400 instead). Other fields are ignored.
+Values left out take the engine's sampler defaults (engine/sampler.py), not OpenAI's.
 """
 from __future__ import annotations
 
@@ -69,6 +71,7 @@ class CompletionRequest:
     stream: bool = False
     include_usage: bool = False
     model: Optional[str] = None
+    truncate: bool = True                  # leave the oldest turns out rather than refuse
 
 
 def _number(body: dict, name: str, low: float, high: float, default: float,
@@ -210,6 +213,10 @@ def parse_request(body: Any, chat: bool, max_seq_len: int) -> CompletionRequest:
     if not isinstance(options, dict):
         raise bad("stream_options", f"stream_options {options!r}: expected an object")
     req.include_usage = bool(options.get("include_usage", False))
+    truncate = body.get("truncate", True)
+    if not isinstance(truncate, bool) and truncate is not None:
+        raise bad("truncate", f"truncate {truncate!r}: expected true or false")
+    req.truncate = truncate is not False
     return req
 
 

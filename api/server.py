@@ -32,7 +32,7 @@ from typing import Iterator, Optional, Set
 from dllama_node.api import openai
 from dllama_node.api.backend import Backend, NotServing
 from dllama_node.api.engine_queue import (DEFAULT_QUEUE_SIZE, ClientGone, EngineQueue, Job,
-                                          QueueFull)
+                                          QueueFull, make_job)
 from dllama_node.api.http import (MAX_BODY_BYTES, MAX_LINE_BYTES, ChunkedResponse, HttpError,
                                   Request, read_request, send_response)
 from dllama_node.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -270,28 +270,7 @@ class ApiServer:
 
     def _job(self, req: openai.CompletionRequest) -> Job:
         """Tokenize and size the request (in a thread: long prompts take a while)."""
-        tok = self.backend.tokenizer
-        seq_len = self.backend.max_seq_len
-        param = "messages" if req.chat else "prompt"
-        if req.chat:
-            ids = tok.encode_chat(req.messages, add_generation_prompt=True)
-        elif isinstance(req.prompt, str):
-            ids = tok.encode(req.prompt)
-        else:
-            ids = req.prompt
-            bad = [t for t in ids if not 0 <= t < tok.vocab_size]
-            if bad:
-                raise openai.bad("prompt", f"prompt token id {bad[0]}: expected ids in "
-                                           f"[0, {tok.vocab_size})")
-        if not ids:
-            raise openai.bad(param, f"{param} encodes to no tokens: give some text")
-        if len(ids) >= seq_len:
-            raise ApiError(400, f"{param}: the prompt has {len(ids)} tokens, the context holds "
-                                f"{seq_len} (prompt and answer together): shorten it",
-                           param=param, code="context_length_exceeded")
-        room = seq_len - len(ids)
-        max_tokens = room if req.max_tokens is None else min(req.max_tokens, room)
-        return Job(list(map(int, ids)), max_tokens, req.sampler, req.stop)
+        return make_job(req, self.backend.tokenizer, self.backend.max_seq_len)
 
     async def _stream(self, req, job: Job, gone: asyncio.Event, writer, keep_alive: bool):
         chat = req.chat

@@ -45,6 +45,8 @@ def generate(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerS
              wire: str = "q8_0", stream_weights: bool = False,
              sync: Optional[str] = None) -> None:
     from dllama_node.engine.text import TextStream
+    from dllama_node.tokenizer.conversation_fit import (LIMIT_CONTEXT, AnswerBudget,
+                                                        stopped_note)
 
     if max_tokens < 0:
         raise UsageError(f"max-tokens {max_tokens}: expected 0 or more")
@@ -56,9 +58,11 @@ def generate(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerS
             ids = tok.encode_chat([{"role": "user", "content": prompt}])
         else:
             ids = tok.encode(prompt)
+        budget = AnswerBudget(max_tokens, node.seq_len, len(ids))   # what the context leaves
         stream = TextStream(tok, stop)
         out = []
-        gen = node.generate(ids, max_tokens, sampler_, _stop_ids(tok), vocab_limit=tok.vocab_size)
+        gen = node.generate(ids, budget.tokens, sampler_, _stop_ids(tok),
+                            vocab_limit=tok.vocab_size)
         try:
             for token in gen:
                 out.append(token)
@@ -71,11 +75,14 @@ def generate(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerS
             gen.close()
         tail = stream.flush()
         t = node.session.timings
+        limit = None if stream.stopped else budget.limit(len(out))
         if as_json:
             click.echo(json.dumps({
                 "prompt_tokens": list(map(int, ids)),
                 "tokens": list(map(int, out)),
                 "text": stream.text,
+                "finish_reason": "stop" if limit is None else "length",
+                "limit": limit,
                 "max_seq_len": node.seq_len,
                 "nodes": nodes,
                 "prompt_tok_s": round(t.prompt_tok_s, 3),
@@ -85,6 +92,8 @@ def generate(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerS
             click.echo(tail)
             click.echo(f"[{len(ids)} prompt tokens at {t.prompt_tok_s:.1f} tok/s, "
                        f"{len(out)} generated at {t.decode_tok_s:.1f} tok/s]", err=True)
+            if limit == LIMIT_CONTEXT:
+                click.echo(stopped_note(LIMIT_CONTEXT, node.seq_len), err=True)
 
 
 def chat(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerSettings,
@@ -95,6 +104,7 @@ def chat(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerSetti
     or --nodes N processes over loopback."""
     from dllama_node.ctl.chat_repl import chat_in_terminal
     from dllama_node.engine.text import TextStream
+    from dllama_node.tokenizer.conversation_fit import AnswerBudget, answer_reserve, fit_chat
 
     sampler_ = Sampler(sampler)
     if max_tokens < 0:
@@ -104,16 +114,15 @@ def chat(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerSetti
         tok = node.tokenizer
 
         def send(messages):
-            ids = tok.encode_chat(messages, add_generation_prompt=True)
-            room = node.seq_len - len(ids) - 1
-            if room <= 0:
-                raise UsageError(f"the conversation has {len(ids)} tokens and fills the "
-                                 f"context of {node.seq_len}: /reset to start over")
-            limit = min(max_tokens, room)
+            ids, fit = fit_chat(tok, messages, node.seq_len, answer_reserve(node.seq_len,
+                                                                             max_tokens))
+            budget = AnswerBudget(max_tokens, node.seq_len, len(ids))
+            if fit.dropped_turns:
+                yield {"dropped_turns": fit.dropped_turns, "max_seq_len": node.seq_len}
             stream = TextStream(tok, [])
-            stops = _stop_ids(tok)
             out = []
-            gen = node.generate(ids, limit, sampler_, stops, vocab_limit=tok.vocab_size)
+            gen = node.generate(ids, budget.tokens, sampler_, _stop_ids(tok),
+                                vocab_limit=tok.vocab_size)
             try:
                 for token in gen:
                     out.append(int(token))
@@ -125,9 +134,8 @@ def chat(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerSetti
             tail = stream.flush()
             if tail:
                 yield {"token": None, "text": tail}
-            ended = len(out) < limit or (out and out[-1] in stops)
             yield {"done": True, "text": stream.text, "tokens": out,
-                   "finish_reason": "stop" if ended else "length"}
+                   "dropped_turns": fit.dropped_turns, **budget.finish(len(out))}
 
         where = f"{nodes} nodes of this machine" if nodes > 1 else "this machine"
         chat_in_terminal(send, system, f"Chat with {os.path.basename(model_path)} on {where}.")

@@ -12,6 +12,7 @@ import click
 
 from dllama_node.common.text_table import align_columns
 from dllama_node.ctl.daemon_client import DaemonClient
+from dllama_node.tokenizer.conversation_fit import LIMIT_CONTEXT, stopped_note
 
 
 def generation_params(temperature: float, top_k: int, top_p: float, repetition_penalty: float,
@@ -87,6 +88,8 @@ def generate(client: DaemonClient, prompt: str, chat_format: bool, params: dict,
     n_prompt, n_out = len(final.get("prompt_tokens", ())), len(final.get("tokens", ()))
     click.echo(f"[{n_prompt} prompt tokens, {n_out} generated, "
                f"{final.get('finish_reason', 'done')}]", err=True)
+    if final.get("limit") == LIMIT_CONTEXT:
+        click.echo(stopped_note(LIMIT_CONTEXT, final.get("max_seq_len")), err=True)
 
 
 def chat(client: DaemonClient, params: dict, system: Optional[str],

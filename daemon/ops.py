@@ -8,6 +8,9 @@ the ones that need the root (generate, plan, models, the cluster's status) there
                 the root does not know of itself
     generate -> {"prompt"} or {"messages"} with sampler settings and stop strings; streams
                 {"token", "text"} lines, ends with text, tokens, prompt_tokens, finish_reason
+                and its limit ("context" or "max_tokens"). Messages longer than the context
+                lose their oldest turns (tokenizer/conversation_fit.py): a first line
+                {"dropped_turns", "max_seq_len"} says how many
     models   -> the model files the cluster's nodes hold, by identity
     plan     -> a dry run: the plan for a model (this node's, or "model") and max_seq_len over
                 the nodes present now, with its table
@@ -262,31 +265,38 @@ class ControlOps:
             from dllama_node.engine.sampler import Sampler
             from dllama_node.engine.text import TextStream
             from dllama_node.cluster.sync_tcp import NodeFailure
+            from dllama_node.tokenizer.conversation_fit import (AnswerBudget, answer_reserve,
+                                                                fit_chat)
             with s.busy:
                 root = s.root
                 if root is None or not root.ready:
                     raise ClusterError("the cluster is re-planning: try again in a few seconds")
                 tok = root.tokenizer
+                seq_len = root.plan.max_seq_len
+                dropped = 0
                 if params["messages"] is not None:
-                    ids = tok.encode_chat(params["messages"], add_generation_prompt=True)
+                    ids, fit = fit_chat(tok, params["messages"], seq_len,
+                                        answer_reserve(seq_len, params["max_tokens"]))
+                    dropped = fit.dropped_turns
                 elif params["prompt_tokens"] is not None:
                     ids = params["prompt_tokens"]
                 else:
                     ids = tok.encode(params["prompt"])
-                room = root.plan.max_seq_len - len(ids)
-                if room <= 0:
-                    raise UsageError(f"the prompt is {len(ids)} tokens, the context is "
-                                     f"{root.plan.max_seq_len}: shorten it or /reset")
+                # a prompt that leaves no room: the session's error says what would help
+                budget = AnswerBudget(params["max_tokens"], seq_len, len(ids))
+                if dropped:
+                    loop.call_soon_threadsafe(queue.put_nowait, {"dropped_turns": dropped,
+                                                                 "max_seq_len": seq_len})
                 sampler = Sampler(params["sampler"])
                 stream = TextStream(tok, params["stop"])
                 stops = set(getattr(tok, "eot_ids", ()) or ())
                 if tok.eos_id is not None:
                     stops.add(tok.eos_id)
                 out: List[int] = []
-                finish = "length"
-                max_tokens = min(params["max_tokens"], room)
+                finish = None
                 t0 = time.perf_counter()
-                gen = root.generate(ids, max_tokens, sampler, stops, vocab_limit=tok.vocab_size)
+                gen = root.generate(ids, budget.tokens, sampler, stops,
+                                    vocab_limit=tok.vocab_size)
                 try:
                     for t in gen:
                         out.append(int(t))
@@ -305,8 +315,9 @@ class ControlOps:
                     raise
                 finally:
                     gen.close()
-                if finish == "length" and (len(out) < max_tokens or (out and out[-1] in stops)):
-                    finish = "stop"       # ended at an end-of-turn token, not at the limit
+                ending = budget.finish(len(out))      # an end-of-turn token, or a limit
+                if finish is not None:
+                    ending.update(finish_reason=finish, limit=None)
                 if len(out) > 1:
                     self.last_decode_tok_s = (len(out) - 1) / max(
                         time.perf_counter() - t0 - root.session.timings.prompt_s, 1e-9)
@@ -314,8 +325,7 @@ class ControlOps:
                 if tail:
                     loop.call_soon_threadsafe(queue.put_nowait, {"token": None, "text": tail})
                 return {"prompt_tokens": [int(i) for i in ids], "tokens": out,
-                        "text": stream.text, "finish_reason": finish,
-                        "max_seq_len": root.plan.max_seq_len}
+                        "text": stream.text, "dropped_turns": dropped, **ending}
 
         future = loop.run_in_executor(None, work)
         try:

@@ -193,7 +193,7 @@ def test_chat_on_three_local_nodes_answers_as_one_node():
                 stdin='"""\nTell me a story\nabout a fox.\n"""\n/help\n/exit\n')
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == one.stdout.strip() and r.stdout.startswith("Once upon a time")
-    assert "/reset" in r.stderr and "[stopped at max tokens]" in r.stderr
+    assert "/reset" in r.stderr and "[stopped at max tokens (60)]" in r.stderr
     bad = run_ctl("chat", "--nodes", "3")                  # no model: the service has its own
     assert bad.returncode == errors.EXIT_USAGE and "--nodes needs --model" in bad.stderr
 

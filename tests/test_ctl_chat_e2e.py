@@ -14,7 +14,7 @@ import pytest
 from dllama_node.cluster.auth import generate_key, write_key
 from dllama_node.daemon.control import request
 from dllama_node.model.generate import PRESETS, write_random_model
-from tests.test_daemon_service import NODE, _free_port, _wait_status
+from tests.test_daemon_service import _wait_status, start_solo_node
 
 CTL = os.path.join(os.path.dirname(sys.executable), "dllama-ctl")
 TMUX = shutil.which("tmux")
@@ -50,12 +50,7 @@ def test_chat_in_a_terminal_against_a_real_daemon(tmp_path):
     folder = tmp_path / "s"
     folder.mkdir()
     ctl_sock = str(folder / "ctl.sock")
-    proc = subprocess.Popen([NODE, "--config", str(tmp_path / "none.conf"), "--node-id", "solo",
-                             "--model", model, "--listen", f"127.0.0.1:{_free_port()}",
-                             "--interface", "127.0.0.1", "--control-socket", ctl_sock,
-                             "--state-dir", str(tmp_path / "state"), "--key-file", key],
-                            env=dict(os.environ, DLLAMA_WIRE="f32"),
-                            stderr=open(tmp_path / "node.log", "w"))
+    proc = start_solo_node(tmp_path, model, key, ctl_sock)
     session = f"dlctl{os.getpid()}"
     try:
         _wait_status(ctl_sock, lambda s: isinstance(s, dict) and s["state"] == "serving")

@@ -43,6 +43,17 @@ def _wait_status(sock_path, pred, timeout_s=30):
     raise AssertionError(f"status never matched; last: {last}")
 
 
+def start_solo_node(tmp_path, model, key, ctl, *args, env=None) -> subprocess.Popen:
+    """A one-node cluster: dllama-node with `model` on loopback, its control socket at
+    `ctl`, its log in tmp_path/node.log; f32 on the wire unless env says otherwise."""
+    return subprocess.Popen([NODE, "--config", str(tmp_path / "none.conf"), "--node-id", "solo",
+                             "--model", model, "--listen", f"127.0.0.1:{_free_port()}",
+                             "--interface", "127.0.0.1", "--control-socket", ctl,
+                             "--state-dir", str(tmp_path / "state"), "--key-file", key, *args],
+                            env=dict(os.environ, DLLAMA_WIRE="f32", **(env or {})),
+                            stderr=open(tmp_path / "node.log", "w"))
+
+
 def test_single_daemon_serves_and_stops_cleanly(tmp_path):
     model = str(tmp_path / "tiny.gguf")
     write_random_model(model, PRESETS["tiny"], weight_type="q8_0", seed=4)
@@ -66,14 +77,9 @@ def test_single_daemon_serves_and_stops_cleanly(tmp_path):
     reader.start()
     ctl = str(tmp_path / "ctl.sock")
     http_port = _free_port()
-    env = dict(os.environ, NOTIFY_SOCKET=notify_path, WATCHDOG_USEC="2000000",
-               WATCHDOG_PID="", DLLAMA_WIRE="f32")
-    proc = subprocess.Popen([NODE, "--config", str(tmp_path / "none.conf"), "--node-id", "solo",
-                             "--model", model, "--listen", f"127.0.0.1:{_free_port()}",
-                             "--interface", "127.0.0.1", "--control-socket", ctl,
-                             "--http-listen", f"127.0.0.1:{http_port}",
-                             "--state-dir", str(tmp_path / "state"), "--key-file", key],
-                            env=env, stderr=open(tmp_path / "node.log", "w"))
+    proc = start_solo_node(tmp_path, model, key, ctl, "--http-listen", f"127.0.0.1:{http_port}",
+                           env={"NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": "2000000",
+                                "WATCHDOG_PID": ""})
     try:
         status = _wait_status(ctl, lambda s: isinstance(s, dict) and s["state"] == "serving")
         assert status["root_id"] == "solo" and status["term"] >= 1
