@@ -10,23 +10,30 @@ AVAILABLE_BYTES ... -- and, for each kind of event in EVENTS, a fixed MESSAGE_ID
 
     journalctl -u dllama-node MESSAGE_ID=5b1e0c9e3f4a4d2f9b7c1a6e8d2f4b10
 
-Entries go through python-systemd (`systemd.journal.sendv`) when it is installed, otherwise
-through send_native(), our own writer of journald's native protocol. Outside systemd the
-same records are stderr lines ending in their fields: "... [EVENT=oom_diagnosis PHASE=loading]".
+Entries go through python-systemd (`systemd.journal.send`, libsystemd's sd_journal_sendv:
+Debian's python3-systemd, a Depends of the .deb), which also passes an entry too big for
+one datagram as a sealed memfd. Our handler rather than python-systemd's JournalHandler,
+because that one sends every attribute of the record and none of the node's fields; ours
+sends the node, the code location and log_event's fields, and keeps a record on stderr when
+journald refuses it. Outside systemd, or without python-systemd, the same records are
+stderr lines ending in their fields: "... [EVENT=oom_diagnosis PHASE=loading]" (libsystemd
+drops entries silently when journald is absent, so the journal is chosen only when its
+socket is there).
 """
 from __future__ import annotations
 
-import array
-import fcntl
 import logging
 import os
 import re
-import socket
-import struct
 import sys
 import threading
 from dataclasses import dataclass
 from typing import Callable, Dict, Mapping, Optional, TextIO
+
+try:
+    from systemd import journal as sd_journal   # python3-systemd / systemd-python
+except ImportError:
+    sd_journal = None
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 SYSLOG_IDENTIFIER = "dllama-node"
@@ -87,74 +94,17 @@ def syslog_priority(levelno: int) -> int:
     return 7
 
 
-# ---------------------------------------------------------------- senders
-
-def encode_native(fields: Mapping[str, object]) -> bytes:
-    """Fields -> one datagram of journald's native protocol.
-
-    A value without a newline is 'NAME=value\\n'; one with a newline is 'NAME\\n', its length
-    as a little-endian 64-bit integer, the bytes, then '\\n'.
-    """
-    out = bytearray()
-    for name, value in fields.items():
-        data = value if isinstance(value, bytes) else str(value).encode("utf-8", "replace")
-        key = name.encode("ascii")
-        if b"\n" in data:
-            out += key + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
-        else:
-            out += key + b"=" + data + b"\n"
-    return bytes(out)
-
-
-def send_native(fields: Mapping[str, object], socket_path: str = JOURNAL_SOCKET) -> None:
-    """Send one entry to journald. A datagram too big for the socket goes as a sealed memfd
-    passed with SCM_RIGHTS (what sd_journal_sendv does). Raises OSError when journald is gone."""
-    payload = encode_native(fields)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        try:
-            sock.sendto(payload, socket_path)
-            return
-        except OSError as e:
-            if e.errno not in (90, 105):    # EMSGSIZE, ENOBUFS: too big for one datagram
-                raise
-        fd = os.memfd_create("journal-entry", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        try:
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(fd, view):]
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
-                        | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
-            sock.sendmsg([], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
-                         0, socket_path)
-        finally:
-            os.close(fd)
-
-
-def _python_systemd_sender() -> Optional[Callable[[Mapping[str, object]], None]]:
-    """systemd.journal.sendv when python-systemd is installed, else None."""
-    try:
-        from systemd import journal as sd_journal   # python3-systemd / systemd-python
-    except ImportError:
-        return None
-
-    def send(fields: Mapping[str, object]) -> None:
-        sd_journal.sendv(*(f"{k}={v}" if not isinstance(v, bytes) else k.encode() + b"=" + v
-                           for k, v in fields.items()))
-    return send
-
-
 # ---------------------------------------------------------------- handlers
 
 class JournalHandler(logging.Handler):
     """Each record -> one journal entry: MESSAGE, PRIORITY, NODE, the code location and
     the record's structured fields (log_event's)."""
 
-    def __init__(self, node_id: str, sender: Callable[[Mapping[str, object]], None],
-                 level: int = logging.NOTSET, transport: str = ""):
+    def __init__(self, node_id: str, send: Optional[Callable[..., None]] = None,
+                 level: int = logging.NOTSET):
         super().__init__(level)
         self.node_id = node_id
-        self.sender = sender
-        self.transport = transport      # "python-systemd" or "native", for the record
+        self.send = send if send is not None else sd_journal.send    # fields as keywords
         self._failed = False
 
     def entry(self, record: logging.LogRecord) -> Dict[str, object]:
@@ -178,7 +128,7 @@ class JournalHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.sender(self.entry(record))
+            self.send(**self.entry(record))
         except OSError as e:
             # journald is gone (shutdown, restart): keep the message on stderr.
             if not self._failed:
@@ -216,29 +166,23 @@ _setup_lock = threading.Lock()
 
 
 def setup_logging(node_id: str, level: int = logging.INFO, *, target: str = "auto",
-                  native: bool = False, socket_path: str = JOURNAL_SOCKET,
+                  socket_path: str = JOURNAL_SOCKET,
                   environ: Optional[Mapping[str, str]] = None,
                   stream: Optional[TextIO] = None) -> logging.Handler:
     """Install one handler on the root logger (replacing the one a previous call installed).
 
-    target: "auto" (the journal when under_journal(), else stderr), "journal" or "stderr".
-    native: send with send_native() even when python-systemd is installed.
+    target: "auto" (the journal when under_journal(), else stderr), "journal" or "stderr";
+    without python-systemd both "auto" and "journal" are stderr.
     Returns the handler. Timestamps are left out of stderr lines when stderr is the journal.
     """
     if target not in ("auto", "journal", "stderr"):
         raise ValueError(f"setup_logging: target {target!r} is not one of auto, journal, stderr")
     env = os.environ if environ is None else environ
-    use_journal = target == "journal" or (target == "auto" and under_journal(env, socket_path))
+    use_journal = sd_journal is not None and (
+        target == "journal" or (target == "auto" and under_journal(env, socket_path)))
     handler: logging.Handler
     if use_journal:
-        sender = None if native or socket_path != JOURNAL_SOCKET else _python_systemd_sender()
-        transport = "python-systemd"
-        if sender is None:
-            transport = "native"
-
-            def sender(fields, _path=socket_path):
-                send_native(fields, _path)
-        handler = JournalHandler(node_id, sender, transport=transport)
+        handler = JournalHandler(node_id)
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler(stream if stream is not None else sys.stderr)

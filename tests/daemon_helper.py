@@ -1,7 +1,7 @@
 """A separate process for the daemon tests: `python tests/daemon_helper.py MODE [ARGS]`.
 
 notify                     send READY/STATUS/WATCHDOG/RELOADING/STOPPING through daemon.systemd
-journal TEST_RUN SENDER    log one event of each kind (SENDER: native or auto) to the journal
+journal TEST_RUN           log one event of each kind to the journal; print the handler used
 persona BIG_BYTES NICE     lock a small and a big array, raise priority; print the results as JSON
 oom STATE_DIR ALLOC WARN   start a run record, phase "loading", watch memory (warning below
                            WARN bytes available) and allocate ALLOC bytes: killed in a small cgroup
@@ -28,15 +28,15 @@ def notify() -> None:
     systemd.reloading()
     systemd.extend_timeout(90)
     systemd.stopping()
-    print(json.dumps({"enabled": systemd.get_notifier().enabled, "watchdog_interval_s": interval,
+    print(json.dumps({"enabled": systemd.enabled(), "watchdog_interval_s": interval,
                       "pid": os.getpid()}))
 
 
-def journal(test_run: str, sender: str) -> None:
+def journal(test_run: str) -> None:
     from dllama_node.daemon.journal import EVENTS, log_event, setup_logging
 
-    handler = setup_logging("b2", logging.DEBUG, native=(sender == "native"))
-    print(handler.transport)
+    handler = setup_logging("b2", logging.DEBUG)
+    print(type(handler).__name__)
     for kind in EVENTS:
         log_event(kind, f"event {kind} from node b2\nsecond line", test_run=test_run, phase="loading",
                   planned_bytes=1395864371, available_bytes=966367641)
@@ -115,7 +115,7 @@ if __name__ == "__main__":
     if mode == "notify":
         notify()
     elif mode == "journal":
-        journal(args[0], args[1])
+        journal(args[0])
     elif mode == "persona":
         persona(int(args[0]), int(args[1]))
     elif mode == "oom":

@@ -1,20 +1,16 @@
-"""daemon.journal: field names, the native protocol, stderr lines, and a real journald.
+"""daemon.journal: field names, stderr lines, and a real journald.
 
 The journald test starts systemd-journald in a private mount namespace (tmpfs over /run and
-/var/log/journal), logs from a child process through our native sender and through the
-default one (python-systemd when installed), and reads the entries back with
-`journalctl -o json`.
+/var/log/journal), logs from a child process through python-systemd, and reads the entries
+back with `journalctl -o json`.
 """
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import logging
 import os
 import shutil
-import socket
-import struct
 import subprocess
 import sys
 import uuid
@@ -22,8 +18,8 @@ import uuid
 import pytest
 
 from dllama_node.daemon import journal
-from dllama_node.daemon.journal import (EVENTS, JournalHandler, encode_native, field_name, log_event,
-                                        send_native, setup_logging, syslog_priority)
+from dllama_node.daemon.journal import (EVENTS, JournalHandler, field_name, log_event, setup_logging,
+                                        syslog_priority)
 
 HELPER = os.path.join(os.path.dirname(__file__), "daemon_helper.py")
 JOURNALD = "/lib/systemd/systemd-journald"
@@ -38,25 +34,6 @@ def restore_root_logger():
         if h not in handlers:
             root.removeHandler(h)
     root.setLevel(level)
-
-
-def decode_native(data: bytes) -> dict:
-    """An independent reader of journald's native protocol (systemd.io/JOURNAL_NATIVE_PROTOCOL)."""
-    fields, i = {}, 0
-    while i < len(data):
-        nl = data.index(b"\n", i)
-        line = data[i:nl]
-        if b"=" in line:
-            name, _, value = line.partition(b"=")
-            i = nl + 1
-        else:
-            name = line
-            (size,) = struct.unpack_from("<Q", data, nl + 1)
-            value = data[nl + 9: nl + 9 + size]
-            assert data[nl + 9 + size: nl + 10 + size] == b"\n"
-            i = nl + 10 + size
-        fields[name.decode()] = value.decode()
-    return fields
 
 
 def test_message_ids_are_distinct_128_bit_hex():
@@ -85,23 +62,6 @@ def test_field_name_without_letters():
 def test_priorities():
     assert [syslog_priority(level) for level in (logging.CRITICAL, logging.ERROR, logging.WARNING,
                                                  logging.INFO, logging.DEBUG, 5)] == [2, 3, 4, 6, 7, 7]
-
-
-def test_native_encoding_round_trip():
-    fields = {"MESSAGE": "two\nlines", "NODE": "b2", "PLANNED_BYTES": 1 << 40, "EMPTY": "",
-              "UNICODE": "déjà vu", "BINARY": b"a\nb\x00c"}
-    decoded = decode_native(encode_native(fields))
-    assert decoded == {"MESSAGE": "two\nlines", "NODE": "b2", "PLANNED_BYTES": str(1 << 40), "EMPTY": "",
-                       "UNICODE": "déjà vu", "BINARY": "a\nb\x00c"}
-
-
-def test_native_sender_on_a_fake_journal_socket(tmp_path):
-    path = str(tmp_path / "socket")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
-        server.bind(path)
-        server.settimeout(5)
-        send_native({"MESSAGE": "hello\nworld", "NODE": "b1"}, path)
-        assert decode_native(server.recv(65536)) == {"MESSAGE": "hello\nworld", "NODE": "b1"}
 
 
 def test_unknown_event_kind():
@@ -136,8 +96,32 @@ def test_auto_without_journald_is_stderr(restore_root_logger, tmp_path):
     assert isinstance(h, logging.StreamHandler)
 
 
+def test_auto_without_python_systemd_is_stderr(restore_root_logger, monkeypatch, tmp_path):
+    socket_path = tmp_path / "socket"
+    socket_path.touch()
+    monkeypatch.setattr(journal, "sd_journal", None)
+    h = setup_logging("b1", environ={"JOURNAL_STREAM": "8:1234"}, socket_path=str(socket_path),
+                      stream=io.StringIO())
+    assert isinstance(h, logging.StreamHandler)
+
+
+def test_journal_handler_sends_fields_as_keywords():
+    sent = []
+    handler = JournalHandler("b6", lambda **fields: sent.append(fields))
+    logger = logging.getLogger("dllama_node.test.keywords")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        log_event("memory_pressure", "1 GiB left", logger=logger, available_bytes=1 << 30)
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+    assert sent[0]["MESSAGE"] == "1 GiB left" and sent[0]["NODE"] == "b6"
+    assert sent[0]["AVAILABLE_BYTES"] == 1 << 30 and sent[0]["EVENT"] == "memory_pressure"
+
+
 def test_journal_handler_falls_back_to_stderr(capsys):
-    def gone(fields):
+    def gone(**fields):
         raise ConnectionRefusedError(111, "Connection refused")
     handler = JournalHandler("b4", gone)
     logger = logging.getLogger("dllama_node.test.fallback")
@@ -174,25 +158,23 @@ mkdir -p /run/systemd/journal
 {journald} & JPID=$!
 trap 'kill $JPID; wait $JPID || true' EXIT
 for i in $(seq 100); do [ -S /run/systemd/journal/socket ] && break; sleep 0.05; done
-for sender in native auto; do
-  JOURNAL_STREAM=8:1 {python} {helper} journal {run}-$sender $sender > {out}/$sender.transport
+JOURNAL_STREAM=8:1 {python} {helper} journal {run} > {out}/handler
+want=$(( {n_events} + 2 ))
+for i in $(seq 100); do
+  n=$(journalctl -o json --all TEST_RUN={run} | wc -l)
+  [ "$n" -ge "$want" ] && break; sleep 0.05
 done
-for sender in native auto; do
-  want=$(( {n_events} + 2 ))
-  for i in $(seq 100); do
-    n=$(journalctl -o json --all TEST_RUN={run}-$sender | wc -l)
-    [ "$n" -ge "$want" ] && break; sleep 0.05
-  done
-  journalctl -o json --all TEST_RUN={run}-$sender > {out}/$sender.json
-  journalctl -o json --all TEST_RUN={run}-$sender MESSAGE_ID={oom_id} > {out}/$sender-oom.json
-  journalctl -o json --all SYSLOG_IDENTIFIER=dllama-node LOGGER=dllama_node.test > {out}/$sender-plain.json
-done
+journalctl -o json --all TEST_RUN={run} > {out}/all.json
+journalctl -o json --all TEST_RUN={run} MESSAGE_ID={oom_id} > {out}/oom.json
+journalctl -o json --all SYSLOG_IDENTIFIER=dllama-node LOGGER=dllama_node.test > {out}/plain.json
 """
 
 
 def _journald_available() -> str:
     if os.geteuid() != 0:
         return "needs root (a private mount namespace for journald)"
+    if journal.sd_journal is None:
+        return "needs python-systemd"
     for tool in (JOURNALD, shutil.which("unshare"), shutil.which("journalctl")):
         if not tool or not os.path.exists(tool):
             return f"needs {tool or 'unshare and journalctl'}"
@@ -214,24 +196,13 @@ def journal_entries(tmp_path_factory):
 
     def load(name):
         return [json.loads(line) for line in (out / name).read_text().splitlines()]
-    return {sender: {"all": load(f"{sender}.json"), "oom": load(f"{sender}-oom.json"),
-                     "plain": load(f"{sender}-plain.json"),
-                     "transport": (out / f"{sender}.transport").read_text().strip()}
-            for sender in ("native", "auto")}
+    return {"all": load("all.json"), "oom": load("oom.json"), "plain": load("plain.json"),
+            "handler": (out / "handler").read_text().strip()}
 
 
-def test_real_journald_transports(journal_entries):
-    assert journal_entries["native"]["transport"] == "native"
-    try:
-        expected = "python-systemd" if importlib.util.find_spec("systemd.journal") else "native"
-    except ModuleNotFoundError:         # no top-level systemd package at all
-        expected = "native"
-    assert journal_entries["auto"]["transport"] == expected
-
-
-@pytest.mark.parametrize("sender", ["native", "auto"])
-def test_real_journald_fields(journal_entries, sender):
-    entries = journal_entries[sender]["all"]
+def test_real_journald_fields(journal_entries):
+    assert journal_entries["handler"] == "JournalHandler"       # not the stderr fallback
+    entries = journal_entries["all"]
     by_event = {}
     for e in entries:
         by_event.setdefault(e.get("EVENT"), []).append(e)
@@ -252,10 +223,9 @@ def test_real_journald_fields(journal_entries, sender):
     assert len(traced) == 1 and "RuntimeError: boom" in traced[0]["EXCEPTION_TEXT"]
 
 
-@pytest.mark.parametrize("sender", ["native", "auto"])
-def test_real_journald_filters(journal_entries, sender):
-    oom = journal_entries[sender]["oom"]
+def test_real_journald_filters(journal_entries):
+    oom = journal_entries["oom"]
     assert len(oom) == 1 and oom[0]["EVENT"] == "oom_diagnosis"
-    plain = journal_entries[sender]["plain"]     # a plain logging call, no event: still NODE and PRIORITY
+    plain = journal_entries["plain"]     # a plain logging call, no event: still NODE and PRIORITY
     assert plain and all(e["MESSAGE"] == "plain record" and e["NODE"] == "b2" and e["PRIORITY"] == "4"
                          for e in plain)

@@ -1,4 +1,5 @@
-"""daemon.systemd: a real AF_UNIX notify socket receives what a child process sends."""
+"""daemon.systemd: a real AF_UNIX notify socket receives what a child process sends
+(through python-systemd's sd_notify); the facade is inert without NOTIFY_SOCKET."""
 from __future__ import annotations
 
 import os
@@ -10,24 +11,20 @@ import uuid
 
 import pytest
 
-from dllama_node.daemon.systemd import Notifier, _address
+from dllama_node.daemon import systemd
 
 HELPER = os.path.join(os.path.dirname(__file__), "daemon_helper.py")
 
 
-def test_inert_without_notify_socket():
-    n = Notifier(environ={"WATCHDOG_USEC": "1000000"})
-    assert not n.enabled
-    assert n.ready("x") is False
-    assert n.status("x") is False
-    assert n.stopping() is False
-    assert n.watchdog_ping() is False
-    assert n.watchdog_interval_s() is None
-
-
-def test_abstract_address():
-    assert _address("@dllama/notify") == b"\0dllama/notify"
-    assert _address("/run/systemd/notify") == "/run/systemd/notify"
+def test_inert_without_notify_socket(monkeypatch):
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")
+    assert not systemd.enabled()
+    assert systemd.ready("x") is False
+    assert systemd.status("x") is False
+    assert systemd.stopping() is False
+    assert systemd.watchdog_ping() is False
+    assert systemd.watchdog_interval_s() is None
 
 
 @pytest.mark.parametrize("environ, expected", [
@@ -39,14 +36,20 @@ def test_abstract_address():
     ({"WATCHDOG_USEC": "30000000"}, None),                                           # no socket
 ])
 def test_watchdog_interval(environ, expected):
-    assert Notifier(environ=environ).watchdog_interval_s() == expected
+    assert systemd.watchdog_interval_s(environ) == expected
 
 
-def test_send_failure_is_not_fatal(tmp_path):
-    n = Notifier(address=str(tmp_path / "nobody-listens"))
-    assert n.enabled
-    assert n.ready() is False           # ENOENT: logged once, the node runs on
-    assert n.status("still running") is False
+def test_send_failure_is_not_fatal(tmp_path, monkeypatch):
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "nobody-listens"))
+    assert systemd.enabled()
+    assert systemd.ready() is False           # ENOENT: logged once, the node runs on
+    assert systemd.status("still running") is False
+
+
+def test_without_python_systemd_is_inert(tmp_path, monkeypatch):
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    monkeypatch.setattr(systemd, "sd_daemon", None)
+    assert systemd.ready() is False
 
 
 def _receive_all(sock: socket.socket, pid_expected: int):
