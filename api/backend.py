@@ -52,14 +52,6 @@ def model_id_from_path(model_path: str) -> str:
     return name
 
 
-def stop_ids(tokenizer) -> set:
-    """Ids that end an answer: EOS and the end-of-turn tokens (as dllama-ctl generate)."""
-    ids = set(getattr(tokenizer, "eot_ids", ()) or ())
-    if tokenizer.eos_id is not None:
-        ids.add(tokenizer.eos_id)
-    return ids
-
-
 class Backend(abc.ABC):
     model_id: str = "model"
 

@@ -20,9 +20,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, List, Optional
 
-from dllama_node.api.backend import Backend, stop_ids
+from dllama_node.api.backend import Backend
 from dllama_node.api.openai import ApiError, CompletionRequest, bad
 from dllama_node.common.errors import ContextFullError
+from dllama_node.engine.generate_text import Outcome, generate_text, outcome_of
 from dllama_node.engine.sampler import SamplerSettings
 from dllama_node.tokenizer.conversation_fit import AnswerBudget, answer_reserve, fit_chat
 
@@ -54,15 +55,6 @@ class Job:
     @property
     def max_tokens(self) -> int:
         return self.budget.tokens
-
-
-@dataclass
-class Outcome:
-    text: str
-    finish_reason: str                    # "stop" (end of turn or a stop string) or "length"
-    completion_tokens: int
-    cancelled: bool = False
-    limit: Optional[str] = None           # with "length": "context" or "max_tokens"
 
 
 def make_job(req: CompletionRequest, tokenizer, seq_len: int) -> Job:
@@ -207,29 +199,14 @@ class EngineQueue:
             post(("error", e))
 
     def _decode(self, job: Job, cancel: threading.Event, post) -> Outcome:
-        from dllama_node.engine.text import TextStream
+        """generate_text over the backend; its text pieces posted as they come."""
+        backend = self.backend
 
-        tok = self.backend.tokenizer
-        stream = TextStream(tok, job.stop)
-        produced = 0
-        limit = None
-        gen = self.backend.generate(job.prompt_ids, job.max_tokens, job.sampler, stop_ids(tok),
-                                    cancel)
-        try:
-            for token in gen:
-                produced += 1
-                piece = stream.push(token)
-                if piece:
-                    post(("text", piece))
-                if stream.stopped or cancel.is_set():
-                    break
-            else:
-                # the backend ends early only at an end-of-turn id: max_tokens fits the context
-                limit = job.budget.limit(produced)
-        finally:
-            gen.close()
-        tail = stream.flush()
-        if tail:
-            post(("text", tail))
-        return Outcome(stream.text, "stop" if limit is None else "length", produced,
-                       cancelled=cancel.is_set(), limit=limit)
+        def tokens(prompt_ids, max_tokens, stops):
+            return backend.generate(prompt_ids, max_tokens, job.sampler, stops, cancel)
+
+        def piece(p) -> None:
+            if p.text:
+                post(("text", p.text))
+        return outcome_of(generate_text(tokens, backend.tokenizer, job.prompt_ids, job.budget,
+                                        job.stop, cancel), piece)

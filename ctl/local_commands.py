@@ -32,19 +32,12 @@ def _open(model_path, tokenizer_path, threads, max_seq_len, quiet=False, nodes=1
                        sync)
 
 
-def _stop_ids(tok) -> set:
-    ids = set(getattr(tok, "eot_ids", ()) or ())
-    if tok.eos_id is not None:
-        ids.add(tok.eos_id)
-    return ids
-
-
 def generate(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerSettings,
              prompt: str, max_tokens: int, stop: Sequence[str], chat_format: bool,
              as_json: bool, nodes: int = 1, split: Optional[str] = None,
              wire: str = "q8_0", stream_weights: bool = False,
              sync: Optional[str] = None) -> None:
-    from dllama_node.engine.text import TextStream
+    from dllama_node.engine.generate_text import generate_text, outcome_of, sampled
     from dllama_node.tokenizer.conversation_fit import (LIMIT_CONTEXT, AnswerBudget,
                                                         stopped_note)
 
@@ -59,40 +52,31 @@ def generate(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerS
         else:
             ids = tok.encode(prompt)
         budget = AnswerBudget(max_tokens, node.seq_len, len(ids))   # what the context leaves
-        stream = TextStream(tok, stop)
-        out = []
-        gen = node.generate(ids, budget.tokens, sampler_, _stop_ids(tok),
-                            vocab_limit=tok.vocab_size)
-        try:
-            for token in gen:
-                out.append(token)
-                piece = stream.push(token)
-                if not as_json and piece:
-                    click.echo(piece, nl=False)
-                if stream.stopped:
-                    break
-        finally:
-            gen.close()
-        tail = stream.flush()
+
+        def show(piece) -> None:
+            if not as_json and piece.text:
+                click.echo(piece.text, nl=False)
+        outcome = outcome_of(generate_text(sampled(node, sampler_), tok, ids, budget, stop),
+                             show)
         t = node.session.timings
-        limit = None if stream.stopped else budget.limit(len(out))
         if as_json:
             click.echo(json.dumps({
                 "prompt_tokens": list(map(int, ids)),
-                "tokens": list(map(int, out)),
-                "text": stream.text,
-                "finish_reason": "stop" if limit is None else "length",
-                "limit": limit,
+                "tokens": outcome.tokens,
+                "text": outcome.text,
+                "finish_reason": outcome.finish_reason,
+                "limit": outcome.limit,
                 "max_seq_len": node.seq_len,
                 "nodes": nodes,
                 "prompt_tok_s": round(t.prompt_tok_s, 3),
                 "decode_tok_s": round(t.decode_tok_s, 3),
             }))
         else:
-            click.echo(tail)
+            click.echo("")
             click.echo(f"[{len(ids)} prompt tokens at {t.prompt_tok_s:.1f} tok/s, "
-                       f"{len(out)} generated at {t.decode_tok_s:.1f} tok/s]", err=True)
-            if limit == LIMIT_CONTEXT:
+                       f"{outcome.completion_tokens} generated at {t.decode_tok_s:.1f} tok/s]",
+                       err=True)
+            if outcome.limit == LIMIT_CONTEXT:
                 click.echo(stopped_note(LIMIT_CONTEXT, node.seq_len), err=True)
 
 
@@ -103,7 +87,7 @@ def chat(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerSetti
     /system, /help, Ctrl-C, history), answered by the model on this machine: one process,
     or --nodes N processes over loopback."""
     from dllama_node.ctl.chat_repl import chat_in_terminal
-    from dllama_node.engine.text import TextStream
+    from dllama_node.engine.generate_text import Outcome, generate_text, sampled
     from dllama_node.tokenizer.conversation_fit import AnswerBudget, answer_reserve, fit_chat
 
     sampler_ = Sampler(sampler)
@@ -119,23 +103,12 @@ def chat(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerSetti
             budget = AnswerBudget(max_tokens, node.seq_len, len(ids))
             if fit.dropped_turns:
                 yield {"dropped_turns": fit.dropped_turns, "max_seq_len": node.seq_len}
-            stream = TextStream(tok, [])
-            out = []
-            gen = node.generate(ids, budget.tokens, sampler_, _stop_ids(tok),
-                                vocab_limit=tok.vocab_size)
-            try:
-                for token in gen:
-                    out.append(int(token))
-                    piece = stream.push(token)
-                    if piece:
-                        yield {"token": int(token), "text": piece}
-            finally:
-                gen.close()
-            tail = stream.flush()
-            if tail:
-                yield {"token": None, "text": tail}
-            yield {"done": True, "text": stream.text, "tokens": out,
-                   "dropped_turns": fit.dropped_turns, **budget.finish(len(out))}
+            for event in generate_text(sampled(node, sampler_), tok, ids, budget):
+                if isinstance(event, Outcome):
+                    yield {"done": True, "text": event.text, "tokens": event.tokens,
+                           "dropped_turns": fit.dropped_turns, **event.finish()}
+                elif event.text:
+                    yield {"token": event.token, "text": event.text}
 
         where = f"{nodes} nodes of this machine" if nodes > 1 else "this machine"
         chat_in_terminal(send, system, f"Chat with {os.path.basename(model_path)} on {where}.")

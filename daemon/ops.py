@@ -262,9 +262,9 @@ class ControlOps:
         cancel = threading.Event()
 
         def work():
-            from dllama_node.engine.sampler import Sampler
-            from dllama_node.engine.text import TextStream
             from dllama_node.cluster.sync_tcp import NodeFailure
+            from dllama_node.engine.generate_text import generate_text, outcome_of, sampled
+            from dllama_node.engine.sampler import Sampler
             from dllama_node.tokenizer.conversation_fit import (AnswerBudget, answer_reserve,
                                                                 fit_chat)
             with s.busy:
@@ -287,45 +287,22 @@ class ControlOps:
                 if dropped:
                     loop.call_soon_threadsafe(queue.put_nowait, {"dropped_turns": dropped,
                                                                  "max_seq_len": seq_len})
-                sampler = Sampler(params["sampler"])
-                stream = TextStream(tok, params["stop"])
-                stops = set(getattr(tok, "eot_ids", ()) or ())
-                if tok.eos_id is not None:
-                    stops.add(tok.eos_id)
-                out: List[int] = []
-                finish = None
+                events = generate_text(sampled(root, Sampler(params["sampler"])), tok, ids,
+                                       budget, params["stop"], cancel)
                 t0 = time.perf_counter()
-                gen = root.generate(ids, budget.tokens, sampler, stops,
-                                    vocab_limit=tok.vocab_size)
                 try:
-                    for t in gen:
-                        out.append(int(t))
-                        piece = stream.push(t)
-                        loop.call_soon_threadsafe(queue.put_nowait, {"token": int(t), "text": piece})
-                        if stream.stopped:
-                            finish = "stop"
-                            break
-                        if cancel.is_set():
-                            finish = "cancelled"
-                            break
+                    outcome = outcome_of(events, lambda p: loop.call_soon_threadsafe(
+                        queue.put_nowait, {"token": p.token, "text": p.text}))
                 except NodeFailure as e:
                     journal.log_event("peer_vanished", str(e), node=e.node_id,
                                       phase=f"generation, layer {e.layer}")
                     s.members = ()          # re-plan on the next tick
                     raise
-                finally:
-                    gen.close()
-                ending = budget.finish(len(out))      # an end-of-turn token, or a limit
-                if finish is not None:
-                    ending.update(finish_reason=finish, limit=None)
-                if len(out) > 1:
-                    self.last_decode_tok_s = (len(out) - 1) / max(
+                if outcome.completion_tokens > 1:
+                    self.last_decode_tok_s = (outcome.completion_tokens - 1) / max(
                         time.perf_counter() - t0 - root.session.timings.prompt_s, 1e-9)
-                tail = stream.flush()
-                if tail:
-                    loop.call_soon_threadsafe(queue.put_nowait, {"token": None, "text": tail})
-                return {"prompt_tokens": [int(i) for i in ids], "tokens": out,
-                        "text": stream.text, "dropped_turns": dropped, **ending}
+                return {"prompt_tokens": [int(i) for i in ids], "tokens": outcome.tokens,
+                        "text": outcome.text, "dropped_turns": dropped, **outcome.finish()}
 
         future = loop.run_in_executor(None, work)
         try:
