@@ -294,6 +294,7 @@ def write_model(path: str, model, config: ModelConfig, tok_metadata: Dict[str, o
 
 def engine_answer(path: str, prompt: str, max_tokens: int = 200) -> str:
     """The greedy chat answer of the written file, from our own engine."""
+    from dllama_node.engine.generate_text import stop_ids
     from dllama_node.engine.node import LocalNode
     from dllama_node.engine.sampler import Sampler, SamplerSettings
 
@@ -301,7 +302,7 @@ def engine_answer(path: str, prompt: str, max_tokens: int = 200) -> str:
         tok = node.tokenizer
         ids = tok.encode_chat([{"role": "user", "content": prompt}])
         out = list(node.session.generate(ids, max_tokens, Sampler(SamplerSettings(temperature=0)),
-                                         tok.eot_ids, vocab_limit=tok.vocab_size))
+                                         stop_ids(tok), vocab_limit=tok.vocab_size))
         return tok.decode(out)
 
 
