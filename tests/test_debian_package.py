@@ -12,6 +12,7 @@ import json
 import tempfile
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -32,7 +33,8 @@ pytestmark = [
 # What the code imports at run time, as Debian packages (pyproject's dependencies plus
 # the journal); a new import without its Depends fails the chroot test below.
 EXPECTED_DEPENDS = {"python3-numpy", "python3-click", "python3-zeroconf", "python3-sentencepiece",
-                    "python3-regex", "python3-jinja2", "python3-systemd", "adduser"}
+                    "python3-protobuf", "python3-regex", "python3-jinja2", "python3-systemd",
+                    "adduser"}
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +115,26 @@ def test_installed_commands_run_on_debian_python(installed):
     assert kernels_file.startswith("/usr/lib/python3/dist-packages/dllama_node/")
     assert numpy_file.startswith("/usr/lib/python3/dist-packages/")
     assert zc_version.startswith("0.47")
+
+
+def test_demo_model_gives_the_same_tokens_on_debian_python(installed):
+    """The demo model end to end on Debian's packages -- its SentencePiece vocabulary built
+    through python3-sentencepiece 0.1.97's own ModelProto module on python3-protobuf 3.21,
+    Debian's numpy under the kernels -- gives the greedy tokens the virtual environment gives."""
+    if not (dh.ROOT / "demo" / "stories.gguf").exists():
+        pytest.skip("no demo/stories.gguf in this tree")
+    args = "generate --prompt 'Once upon a time' --max-tokens 8 --temperature 0 --json --model "
+    r = dh.chroot_sh(installed, "dllama-ctl " + args + "/usr/share/dllama-node/models/stories.gguf")
+    on_debian = json.loads(r.stdout)
+    ctl = Path(sys.executable).with_name("dllama-ctl")
+    here = json.loads(subprocess.run(f"{ctl} {args}{dh.ROOT / 'demo' / 'stories.gguf'}", shell=True,
+                                     capture_output=True, text=True, check=True).stdout)
+    assert (on_debian["prompt_tokens"], on_debian["tokens"]) == (here["prompt_tokens"], here["tokens"])
+    r = dh.chroot_sh(installed, "python3 -c 'import google.protobuf, sentencepiece; "
+                     "print(google.protobuf.__file__, sentencepiece.__version__)'")
+    protobuf_file, sentencepiece_version = r.stdout.split()
+    assert protobuf_file.startswith("/usr/lib/python3/dist-packages/")
+    assert sentencepiece_version.startswith("0.1.97")
 
 
 def test_postinst_made_user_state_and_key(installed):

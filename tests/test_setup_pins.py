@@ -68,7 +68,7 @@ def test_the_virtual_environment_matches_the_pins():
 
 
 # distribution name -> the module it installs, where they differ
-IMPORT_NAMES = {"systemd-python": "systemd.journal"}
+IMPORT_NAMES = {"systemd-python": "systemd.journal", "protobuf": "google.protobuf"}
 
 
 def test_every_dependency_imports():
