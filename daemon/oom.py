@@ -31,6 +31,7 @@ from dllama_node.common import errors
 from dllama_node.common.memory import current_rss_bytes, read_memory
 from dllama_node.common.units import MiB
 from dllama_node.plan.advice import have, needs
+from dllama_node.plan.seq_len import longest_fitting, shorter_lengths
 
 from .journal import log_event
 
@@ -356,15 +357,16 @@ class Diagnosis:
 
 def shorter_seq_len(planned_bytes: int, available_bytes: int, max_seq_len: int,
                     kv_bytes_per_token: int) -> Optional[int]:
-    """The largest max_seq_len (a multiple of 256, or of 16 below 256) whose smaller KV cache
-    brings planned_bytes within available_bytes; None when even 16 does not."""
+    """The longest of the plan's shorter lengths (plan/seq_len.py: a multiple of 256, or
+    128, 64, 32, 16) whose smaller KV cache brings planned_bytes within available_bytes;
+    None when even 16 does not."""
     shortfall = planned_bytes - available_bytes
-    if shortfall <= 0 or kv_bytes_per_token <= 0:
+    lengths = shorter_lengths(max_seq_len)
+    if shortfall <= 0 or kv_bytes_per_token <= 0 or not lengths:
         return None
-    seq = max_seq_len - -(-shortfall // kv_bytes_per_token)     # integer ceil: exact for any size
-    step = 256 if seq >= 256 else 16
-    seq = seq // step * step
-    return seq if 16 <= seq < max_seq_len else None
+    seq, fits = longest_fitting(                      # integers: exact for any size
+        lengths, lambda s: (max_seq_len - s) * kv_bytes_per_token >= shortfall)
+    return seq if fits else None
 
 
 def _clock(t: Optional[float]) -> str:

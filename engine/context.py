@@ -1,7 +1,8 @@
 """How long a context this node can hold: the max-seq-len default and its check.
 
 The default fits the memory this node has, never the model card's 131072 blindly, and
-says why it is what it is. Pure: the memory reading is an argument.
+says why it is what it is: a single node is a one-node plan, so the lengths, the search
+and the reason are the plan's (plan/seq_len.py). Pure: the memory reading is an argument.
 """
 from __future__ import annotations
 
@@ -10,11 +11,9 @@ from typing import Optional
 
 from dllama_node.common.errors import MemoryPlanError, UsageError
 from dllama_node.common.units import format_bytes
+from dllama_node.plan.seq_len import (DEFAULT_MAX_SEQ_LEN_CAP, LIMIT_ASKED, default_lengths,
+                                      limit_of, longest_fitting, seq_len_reason)
 
-# Without --max-seq-len, contexts longer than this are not reserved even when memory
-# allows: attention over a long context is slow on a small board, and the cache is
-# better left as free memory. --max-seq-len raises it up to the model's context.
-DEFAULT_MAX_SEQ_LEN_CAP = 4096
 DEFAULT_RESERVE_BYTES = 64 * 1024 * 1024
 
 
@@ -55,10 +54,12 @@ def choose_max_seq_len(model_seq_len: int, kv_bytes_per_position: int, fixed_byt
                        available_bytes: int, requested: Optional[int] = None,
                        reserve_bytes: int = DEFAULT_RESERVE_BYTES,
                        cap: int = DEFAULT_MAX_SEQ_LEN_CAP) -> ContextChoice:
-    """fixed_bytes: weights + buffers this node holds whatever the context.
+    """The context of a one-node plan, by the plan's rule (plan/seq_len.py): the longest
+    default length this node's memory holds, at most `cap`. fixed_bytes: weights + buffers
+    this node holds whatever the context.
 
     Raises UsageError for a request outside [1, model_seq_len], MemoryPlanError when
-    the request (or even a context of 1) does not fit.
+    the request (or even the shortest default) does not fit.
     """
     budget = available_bytes - fixed_bytes - reserve_bytes
     fits = max(0, budget // kv_bytes_per_position) if kv_bytes_per_position else model_seq_len
@@ -77,21 +78,20 @@ def choose_max_seq_len(model_seq_len: int, kv_bytes_per_position: int, fixed_byt
                 f"of KV cache, but only {format_bytes(max(budget, 0))} is left on this node "
                 f"({mem_note}): use --max-seq-len {fits} or less" if fits >= 1 else
                 f"max-seq-len {requested} does not fit: the weights alone leave no room ({mem_note})")
-        return ContextChoice(requested, f"max_seq_len {requested} (as asked)",
+        return ContextChoice(requested, seq_len_reason(requested, model_seq_len, LIMIT_ASKED),
                              requested * kv_bytes_per_position, model_seq_len, fits)
     if fits < 1:
         raise MemoryPlanError(f"this node cannot hold the model: {mem_note}; it needs "
                               f"{format_bytes(fixed_bytes + reserve_bytes - available_bytes)} more, "
                               "or a smaller quantization, or more nodes")
+    seq_len, ok = longest_fitting(default_lengths(model_seq_len, cap), lambda s: s <= fits)
+    if not ok:
+        raise MemoryPlanError(f"this node's memory holds a context of {fits} tokens, less than "
+                              f"the shortest default {seq_len} ({mem_note}): use --max-seq-len "
+                              f"{fits} or less, or more nodes")
     longest = min(model_seq_len, fits)
-    seq_len = min(longest, cap)
-    if seq_len == model_seq_len:
-        why = "the model's context"
-    elif seq_len < longest:
-        why = (f"the default cap {cap} (the model's context is {model_seq_len}); --max-seq-len "
-               f"raises it up to {longest}" + (", what memory allows" if fits < model_seq_len
-                                               else ""))
-    else:
-        why = f"what memory allows ({mem_note}); the model's context is {model_seq_len}"
-    return ContextChoice(seq_len, f"max_seq_len {seq_len}: {why}", seq_len * kv_bytes_per_position,
-                         model_seq_len, fits)
+    reason = seq_len_reason(seq_len, model_seq_len,
+                            limit_of(seq_len, model_seq_len, longest, cap),
+                            why_memory=f"what memory allows ({mem_note})", longest=longest,
+                            memory_limits_longest=fits < model_seq_len)
+    return ContextChoice(seq_len, reason, seq_len * kv_bytes_per_position, model_seq_len, fits)

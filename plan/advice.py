@@ -16,11 +16,10 @@ from dllama_node.common.units import GiB, MiB
 from .accounting import ROLE_COORDINATOR, ROLE_WORKER, MemoryNeed, SliceCounts
 from .data import Draft, NodeCapacity, NodeSlice, PlanError, Shortfall
 from .layout import F16, F32, LAYER_GROUPS, Q4_0, Q8_0
+from .seq_len import LIMIT_MEMORY, LIMIT_MODEL, seq_len_reason as reason_text, shorter_lengths
 
 if TYPE_CHECKING:   # the planner imports this module
     from .shard_plan import Planner
-
-SHORTER_SEQ_LENS = (128, 64, 32, 16)   # tried below the smallest multiple of 256
 
 
 def _fmt(n: int, up: bool) -> str:
@@ -92,9 +91,8 @@ def seq_len_reason(planner: "Planner", draft: Draft, seq_len: int, balanced: boo
     swapping = [n.node_id for n in draft.nodes if n.memory.swap_used]
     notes = (["slices in proportion to speed"] if balanced and seq_len < model_seq else []) + (
         [f"with swap on {', '.join(swapping)}"] if swapping else [])
-    note = f" ({'; '.join(notes)})" if notes else ""
     if seq_len == model_seq:
-        return f"max_seq_len {seq_len}: the model card's context fits every node{note}"
+        return reason_text(seq_len, model_seq, LIMIT_MODEL, notes=notes)
     slice_nodes = [n for n in draft.nodes if n.role != ROLE_COORDINATOR]
     worst: Optional[Tuple[int, NodeSlice, MemoryNeed]] = None
     for node in slice_nodes:
@@ -104,12 +102,12 @@ def seq_len_reason(planner: "Planner", draft: Draft, seq_len: int, balanced: boo
         if worst is None or deficit > worst[0]:
             worst = (deficit, node, full)
     if worst is None or worst[0] <= 0:
-        return (f"max_seq_len {seq_len} (model card {model_seq}): the slices do not fit at {model_seq} "
-                f"tokens{note}")
-    _, node, full = worst
-    return (f"max_seq_len {seq_len} (model card {model_seq}): the KV cache of {model_seq} tokens would "
-            f"need {needs(full.kv_cache)} on node {node.node_id}, which has "
-            f"{have(node.memory.available)} available{note}")
+        why = f"the slices do not fit at {model_seq} tokens"
+    else:
+        _, node, full = worst
+        why = (f"the KV cache of {model_seq} tokens would need {needs(full.kv_cache)} on node "
+               f"{node.node_id}, which has {have(node.memory.available)} available")
+    return reason_text(seq_len, model_seq, LIMIT_MEMORY, why_memory=why, notes=notes)
 
 
 def plan_error(planner: "Planner", shortfall: Shortfall, seq_len: int) -> PlanError:
@@ -117,7 +115,7 @@ def plan_error(planner: "Planner", shortfall: Shortfall, seq_len: int) -> PlanEr
     fixes = []
     options = planner.options
 
-    shorter = sorted(set(range(256, seq_len, 256)) | {s for s in SHORTER_SEQ_LENS if s < seq_len})
+    shorter = shorter_lengths(seq_len)
     if shorter:
         length, result = planner.search(shorter, planner.fit)
         if not isinstance(result, Shortfall):

@@ -50,12 +50,11 @@ from .apportion import Range, apportion, kv_range, max_kv_heads, ranges_from_cou
 from .data import (DEFAULT_RESERVE_BYTES, Draft, ExcludedNode, NodeCapacity,  # noqa: F401 (re-exported)
                    NodeSlice, PlanError, PlanOptions, ShardPlan, Shortfall)
 from .layout import ModelLayout
+from .seq_len import LIMIT_ASKED, default_lengths, longest_fitting, seq_len_reason
 
 log = logging.getLogger(__name__)
 
 ROW_BLOCK = 32          # FFN and classifier rows go in blocks of this many
-SEQ_STEP = 256          # the default max_seq_len is a multiple of this ...
-SEQ_FLOOR = 128         # ... or this, when not even SEQ_STEP fits
 BALANCED_ENOUGH_SEQ = 2048   # balanced slices are preferred when they leave at least this context
 
 
@@ -74,7 +73,7 @@ def plan_shards(layout: ModelLayout, capacities: Sequence[NodeCapacity],
         result = planner.fit(seq_len)
         if isinstance(result, Shortfall):
             raise advice.plan_error(planner, result, seq_len)
-        reason = f"max_seq_len {seq_len} (asked for; model card {model_seq})"
+        reason = seq_len_reason(seq_len, model_seq, LIMIT_ASKED)
     else:
         seq_len, result, balanced = planner.largest_fitting_seq_len()
         if isinstance(result, Shortfall):
@@ -155,8 +154,7 @@ class Planner:
         """The default max_seq_len, its plan (or the shortfall at the smallest length), and
         whether the plan keeps every slice in proportion to speed (see the module docstring)."""
         model_seq = self.layout.config.seq_len
-        lengths = sorted({min(SEQ_FLOOR, model_seq), model_seq} |
-                         set(range(SEQ_STEP, model_seq, SEQ_STEP)))
+        lengths = default_lengths(model_seq)
         modes = (False, True) if self.options.allow_swap else (False,)
         failure: Optional[Shortfall] = None
         enough = min(BALANCED_ENOUGH_SEQ, model_seq)
@@ -177,25 +175,9 @@ class Planner:
 
     @staticmethod
     def search(lengths: Sequence[int], attempt) -> Tuple[int, Union[Draft, Shortfall]]:
-        """The largest length in ascending `lengths` whose attempt is a Draft (fits are taken to
-        be monotone: what fits at n fits at any shorter length), else the first one's Shortfall."""
-        top = attempt(lengths[-1])
-        if not isinstance(top, Shortfall):
-            return lengths[-1], top
-        lo, hi = 0, len(lengths) - 1               # lengths[hi] fails; lengths[lo] unknown
-        best: Optional[Tuple[int, Draft]] = None
-        first = attempt(lengths[0]) if len(lengths) > 1 else top
-        if isinstance(first, Shortfall):
-            return lengths[0], first
-        best = (lengths[0], first)
-        while hi - lo > 1:                         # invariant: lengths[lo] fits, lengths[hi] fails
-            mid = (lo + hi) // 2
-            result = attempt(lengths[mid])
-            if isinstance(result, Shortfall):
-                hi = mid
-            else:
-                lo, best = mid, (lengths[mid], result)
-        return best
+        """The largest length in ascending `lengths` whose attempt is a Draft, else the first
+        one's Shortfall (plan/seq_len.longest_fitting)."""
+        return longest_fitting(lengths, attempt, lambda r: not isinstance(r, Shortfall))
 
     def need(self, counts: SliceCounts, role: str, seq_len: int, n_slice_nodes: int,
              layout: Optional[ModelLayout] = None, coordinated: bool = False) -> MemoryNeed:

@@ -360,7 +360,7 @@ def test_default_max_seq_len_water_fills_when_balance_would_leave_under_2048_tok
 
 def test_default_max_seq_len_is_the_model_cards_when_it_fits():
     plan = plan_shards(tiny(), nodes(2))
-    assert plan.max_seq_len == 2048 and "model card's context fits" in plan.seq_len_reason
+    assert plan.max_seq_len == 2048 and plan.seq_len_reason == "max_seq_len 2048: the model's context"
 
 
 def test_an_explicit_max_seq_len_that_does_not_fit_says_which_would():
