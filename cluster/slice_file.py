@@ -51,8 +51,8 @@ def slice_metadata(manifest: SliceManifest) -> List[Tuple[str, object, ValueType
                ("llama.rope.scaling.low_freq_factor", r.low_freq_factor, f32, None),
                ("llama.rope.scaling.high_freq_factor", r.high_freq_factor, f32, None),
                ("llama.rope.scaling.original_context_length", r.original_max_position, u32, None)]
-    for key in ("q_heads", "kv_heads", "ffn_rows", "vocab_rows"):
-        md.append((f"dllama.slice.{key}", [int(x) for x in getattr(s, key)], ValueType.ARRAY, u64))
+    for key, units in s.to_dict().items():
+        md.append((f"dllama.slice.{key}", units, ValueType.ARRAY, u64))
     md += [("dllama.slice.tied_embeddings", bool(c.tied_embeddings), ValueType.BOOL, None),
            ("dllama.slice.model_identity", manifest.model_identity, string, None),
            (DIGEST_KEY, manifest.digest, string, None),

@@ -34,9 +34,10 @@ import numpy as np
 
 from dllama_node.common.errors import ClusterError, ProtocolError, UsageError
 from dllama_node.engine.load import anonymous_array
-from dllama_node.engine.weights import LayerWeights, NodeWeights, SliceSpec, column_slice
+from dllama_node.engine.weights import LayerWeights, NodeWeights, column_slice
 from dllama_node.model import quants
 from dllama_node.model.config import ModelConfig, RopeScaling
+from dllama_node.model.tensors import SliceSpec, TensorKind, Weight, model_tensors, tensor_table
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +106,7 @@ class SliceManifest:
             "model": {"identity": self.model_identity, "file_size": int(self.model_file_size),
                       "format": self.model_format, "name": self.model_name},
             "config": cfg,
-            "spec": {k: [int(v) for v in getattr(self.spec, k)]
-                     for k in ("q_heads", "kv_heads", "ffn_rows", "vocab_rows")},
+            "spec": self.spec.to_dict(),
             "tensors": [{"name": t.name, "source": t.source,
                          "rows": list(t.rows) if t.rows is not None else None,
                          "cols": list(t.cols) if t.cols is not None else None,
@@ -139,8 +139,7 @@ class SliceManifest:
             cfg = dict(d["config"])
             rs = cfg.pop("rope_scaling", None)
             config = ModelConfig(**cfg, rope_scaling=RopeScaling(**rs) if rs else None)
-            spec = SliceSpec(**{k: (int(d["spec"][k][0]), int(d["spec"][k][1]))
-                                for k in ("q_heads", "kv_heads", "ffn_rows", "vocab_rows")})
+            spec = SliceSpec.from_dict(d["spec"])
             tensors = tuple(SliceTensor(
                 name=str(t["name"]), source=str(t["source"]),
                 rows=tuple(int(x) for x in t["rows"]) if t["rows"] is not None else None,
@@ -205,61 +204,31 @@ def model_identity(model) -> str:
     return h.hexdigest()
 
 
-def check_spec(config: ModelConfig, spec: SliceSpec) -> None:
-    """Every range of the spec lies inside the model: 0 <= start <= stop <= size."""
-    for what, (start, stop), size in (("q_heads", spec.q_heads, config.n_heads),
-                                      ("kv_heads", spec.kv_heads, config.n_kv_heads),
-                                      ("ffn_rows", spec.ffn_rows, config.hidden_dim),
-                                      ("vocab_rows", spec.vocab_rows, config.vocab_size)):
-        if not 0 <= start <= stop <= size:
-            raise UsageError(f"slice {what} [{start}, {stop}) is not inside [0, {size})")
-
-
 def slice_cuts(model, spec: SliceSpec) -> List[SliceTensor]:
-    """The slice's tensors (without digests), in the order they are sent and stored:
-    rope_freqs (if the model has it), per layer the norms and matrices, output_norm,
-    the classifier rows."""
+    """The slice's tensors (without digests), in the order they are sent and stored: the
+    tensor table's order (rope_freqs if the model has it, per layer the norms and
+    matrices, output_norm, the classifier rows), less what no node holds (token_embd)."""
     cfg: ModelConfig = model.config
-    check_spec(cfg, spec)
-    hd = cfg.head_dim
-    q = (spec.q_heads[0] * hd, spec.q_heads[1] * hd)
-    kv = (spec.kv_heads[0] * hd, spec.kv_heads[1] * hd)
-    f = spec.ffn_rows
-    every_row = (0, cfg.dim)
-    plan: List[Tuple[str, str, Optional[Range], Optional[Range]]] = []
-    if "rope_freqs.weight" in model.tensors:
-        plan.append(("rope_freqs.weight", "rope_freqs.weight", None, None))
-    for i in range(cfg.n_layers):
-        p = f"blk.{i}."
-        plan += [(p + "attn_norm.weight", p + "attn_norm.weight", None, None),
-                 (p + "attn_q.weight", p + "attn_q.weight", q, None),
-                 (p + "attn_k.weight", p + "attn_k.weight", kv, None),
-                 (p + "attn_v.weight", p + "attn_v.weight", kv, None),
-                 (p + "attn_output.weight", p + "attn_output.weight", every_row, q),
-                 (p + "ffn_norm.weight", p + "ffn_norm.weight", None, None),
-                 (p + "ffn_gate.weight", p + "ffn_gate.weight", f, None),
-                 (p + "ffn_up.weight", p + "ffn_up.weight", f, None),
-                 (p + "ffn_down.weight", p + "ffn_down.weight", every_row, f)]
-    plan.append(("output_norm.weight", "output_norm.weight", None, None))
-    plan.append(("output.weight", "token_embd.weight" if cfg.tied_embeddings else "output.weight",
-                 spec.vocab_rows, None))
-
+    spec.check(cfg)
     cuts = []
-    for name, source, rows, cols in plan:
-        info = model.tensors[source]
+    for t in model_tensors(cfg, optional=model.tensors):
+        if not t.kind.in_slice:
+            continue
+        rows, cols = t.kind.cut_ranges(cfg, spec)
+        info = model.tensors[t.source]
         if rows is None:
             n = 1
             for s in info.shape:
                 n *= int(s)
-            cuts.append(SliceTensor(name, source, None, None, quants.GGML_F32, (n,), 4 * n))
+            cuts.append(SliceTensor(t.name, t.source, None, None, quants.GGML_F32, (n,), 4 * n))
             continue
         n_cols = int(info.shape[1])
         if cols is not None and tuple(cols) == (0, n_cols):
             cols = None
         width = n_cols if cols is None else cols[1] - cols[0]
-        kt = model.kernel_type(source)
+        kt = model.kernel_type(t.source)
         n_rows = rows[1] - rows[0]
-        cuts.append(SliceTensor(name, source, tuple(rows), cols, kt, (n_rows, width),
+        cuts.append(SliceTensor(t.name, t.source, tuple(rows), cols, kt, (n_rows, width),
                                 n_rows * quants.row_bytes(kt, width)))
     return cuts
 
@@ -282,7 +251,7 @@ def cut_chunks(model, cut: SliceTensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) 
         if converted:        # convert just these rows, as ModelFile.tensor(rows=) does
             w = model.tensor(cut.source, rows=(start, stop))
         else:
-            w = (whole[0][start:stop], whole[1])
+            w = Weight(whole.array[start:stop], whole.ggml_type)
         if cut.cols is not None:
             w = column_slice(w, *cut.cols)
         if w[1] != cut.ggml_type:
@@ -388,22 +357,21 @@ def slice_weights(slice_model, spec: Optional[SliceSpec] = None, copy: bool = Tr
         done[0] += int(arr.nbytes)
         if progress:
             progress(min(done[0], total), total)
-        return arr, wtype
+        return Weight(arr, wtype)
 
     def vector(name: str) -> np.ndarray:
         arr, _ = slice_model.tensor(name)
         done[0] += int(arr.nbytes)
         return np.array(arr, dtype=np.float32).reshape(-1)     # small: a plain copy
 
-    layers = []
-    for i in range(cfg.n_layers):
-        p = f"blk.{i}."
-        layers.append(LayerWeights(
-            attn_norm=vector(p + "attn_norm.weight"), wq=t(p + "attn_q.weight"),
-            wk=t(p + "attn_k.weight"), wv=t(p + "attn_v.weight"),
-            wo=t(p + "attn_output.weight"), ffn_norm=vector(p + "ffn_norm.weight"),
-            w_gate=t(p + "ffn_gate.weight"), w_up=t(p + "ffn_up.weight"),
-            w_down=t(p + "ffn_down.weight")))
+    table = tensor_table(cfg)
+
+    def held(kind: TensorKind, layer: Optional[int] = None):
+        name = kind.name(layer)
+        return vector(name) if len(kind.shape(cfg)) == 1 else t(name)
+
+    layers = [LayerWeights(**{k.key: held(k, i) for k in table.layer})
+              for i in range(cfg.n_layers)]
     rope_inv_freq = slice_model.rope_inv_freq()
     if rope_inv_freq.shape != (cfg.head_dim // 2,):
         raise ClusterError(f"slice file {slice_model.path}: rope_freqs.weight has "
@@ -413,5 +381,5 @@ def slice_weights(slice_model, spec: Optional[SliceSpec] = None, copy: bool = Tr
         raise ClusterError(f"slice file {slice_model.path} holds no token embedding: the root "
                            f"embeds tokens and sends the activations")
 
-    return NodeWeights(cfg, spec, embed_rows, layers, vector("output_norm.weight"),
-                       t("output.weight"), rope_inv_freq)
+    return NodeWeights(cfg, spec, embed_rows, layers, rope_inv_freq=rope_inv_freq,
+                       **{k.key: held(k) for k in table.tail})

@@ -80,12 +80,10 @@ def load_assignment(a: dict, conn: Connection, cache, progress=None) -> LoadedSl
     from dllama_node.cluster.transfer import fetch_slice
     from dllama_node.engine.forward import Transformer
     from dllama_node.engine.load import load_weights
-    from dllama_node.engine.weights import SliceSpec
+    from dllama_node.model.tensors import SliceSpec
 
     t0 = time.perf_counter()
-    s = a["slice"]
-    spec = SliceSpec(tuple(s["q_heads"]), tuple(s["kv_heads"]), tuple(s["ffn_rows"]),
-                     tuple(s["vocab_rows"]))
+    spec = SliceSpec.from_dict(a["slice"])
     def phase(name):
         return (lambda done, total: progress(name, done, total)) if progress else None
     model = _own_copy(a)

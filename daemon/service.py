@@ -156,11 +156,7 @@ class NodeService:
             self.loading.finish(me, "loaded", source, locked_bytes=self.locked_bytes)
 
     def _lock_arrays(self, transformer) -> None:
-        arrays = [transformer.cache.data]
-        for lw in transformer.w.layers:
-            arrays += [lw.wq[0], lw.wk[0], lw.wv[0], lw.wo[0], lw.w_gate[0], lw.w_up[0],
-                       lw.w_down[0]]
-        arrays.append(transformer.w.output[0])
+        arrays = [transformer.cache.data] + transformer.w.matrices()
         result = lock_memory([a for a in arrays if a.size], node_id=self.config.node_id)
         self.locked_bytes = result.locked_bytes
         log.info("memory lock: %s", result.to_dict())

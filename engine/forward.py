@@ -32,9 +32,9 @@ class RunState:
 
     def __init__(self, weights: NodeWeights, batch: int, seq_len: int, n_threads: int):
         cfg, s = weights.config, weights.slice
-        q_dim = s.n_heads * cfg.head_dim
+        q_dim = s.n_q_heads * cfg.head_dim
         kv_dim = s.n_kv_heads * cfg.head_dim
-        ffn = s.ffn_rows[1] - s.ffn_rows[0]
+        ffn = s.n_ffn_rows
         f32 = np.float32
         self.x = np.zeros((batch, cfg.dim), f32)            # (batch, dim) residual stream
         self.xb = np.zeros((batch, cfg.dim), f32)           # (batch, dim) normed input
@@ -48,7 +48,7 @@ class RunState:
         self.hb = np.zeros((batch, ffn), f32)               # (batch, local ffn rows) gate
         self.hb2 = np.zeros((batch, ffn), f32)              # up
         self.hq = np.zeros((batch, _q8_width(ffn)), np.uint8)
-        self.logits = np.zeros((1, s.vocab_rows[1] - s.vocab_rows[0]), f32)
+        self.logits = np.zeros((1, s.n_vocab_rows), f32)
         self.positions = np.zeros(batch, np.int64)
 
     def nbytes(self) -> int:
@@ -99,7 +99,7 @@ class Transformer:
         """The layers, from the embedded input already in the state's x[:n] (a worker
         receives it from the root instead of embedding tokens itself)."""
         K, w, s, cfg, T = self.k, self.w, self.s, self.cfg, self.n_threads
-        has_heads, has_ffn = w.slice.n_heads > 0, w.slice.ffn_rows[1] > w.slice.ffn_rows[0]
+        has_heads, has_ffn = w.slice.n_q_heads > 0, w.slice.n_ffn_rows > 0
         x, xb, xq = s.x[:n], s.xb[:n], s.xq[:n]
         q, k, v, att, attq = s.q[:n], s.k[:n], s.v[:n], s.att[:n], s.attq[:n]
         xo, hb, hb2, hq = s.xo[:n], s.hb[:n], s.hb2[:n], s.hq[:n]

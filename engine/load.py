@@ -17,8 +17,9 @@ from typing import Callable, Optional, Tuple
 
 import numpy as np
 
-from dllama_node.engine.weights import NodeWeights, SliceSpec, Weight
+from dllama_node.engine.weights import NodeWeights
 from dllama_node.model import quants
+from dllama_node.model.tensors import SliceSpec, TensorKind, Weight, tensor_table
 
 KERNEL_TYPES = (quants.GGML_F32, quants.GGML_F16, quants.GGML_Q4_0, quants.GGML_Q8_0)
 _DTYPES = {quants.GGML_F32: np.float32, quants.GGML_F16: np.float16}
@@ -101,38 +102,32 @@ def load_weights(model, spec: Optional[SliceSpec] = None,
 
     reader = SliceReader(model, advance)
     cfg, s = weights.config, weights.slice
-    hd = cfg.head_dim
+    table = tensor_table(cfg)
     try:
-        def load(name: str, w: Weight, rows: Tuple[int, int],
-                 cols: Optional[Tuple[int, int]] = None) -> Weight:
-            arr, wtype = w
+        def load(kind: TensorKind, held, layer: Optional[int] = None):
+            """This node's part of one tensor in its own memory: `held` is its view."""
+            name = kind.source(cfg, layer)
+            rows, cols = kind.cut_ranges(cfg, s)
+            if rows is None:            # a vector: a plain copy
+                arr = np.array(held)
+                advance(arr.nbytes)
+                return arr
+            arr, wtype = held
             if model.tensors[name].ggml_type not in KERNEL_TYPES:
                 advance(arr.nbytes)
-                return w
+                return held
             col_bytes = None
             if cols is not None:
                 col_bytes = (quants.row_bytes(wtype, cols[0]), quants.row_bytes(wtype, cols[1]))
                 if col_bytes == (0, quants.row_bytes(wtype, model.tensors[name].shape[1])):
                     col_bytes = None
-            return reader.read(name, rows, col_bytes, wtype, arr.shape[1]), wtype
+            return Weight(reader.read(name, rows, col_bytes, wtype, arr.shape[1]), wtype)
 
-        q, kv, f = s.q_heads, s.kv_heads, s.ffn_rows
         for i, lw in enumerate(weights.layers):
-            p = f"blk.{i}."
-            lw.wq = load(p + "attn_q.weight", lw.wq, (q[0] * hd, q[1] * hd))
-            lw.wk = load(p + "attn_k.weight", lw.wk, (kv[0] * hd, kv[1] * hd))
-            lw.wv = load(p + "attn_v.weight", lw.wv, (kv[0] * hd, kv[1] * hd))
-            lw.wo = load(p + "attn_output.weight", lw.wo, (0, cfg.dim), (q[0] * hd, q[1] * hd))
-            lw.w_gate = load(p + "ffn_gate.weight", lw.w_gate, f)
-            lw.w_up = load(p + "ffn_up.weight", lw.w_up, f)
-            lw.w_down = load(p + "ffn_down.weight", lw.w_down, (0, cfg.dim), f)
-            for norm in ("attn_norm", "ffn_norm"):
-                setattr(lw, norm, np.array(getattr(lw, norm)))
-            advance(lw.attn_norm.nbytes + lw.ffn_norm.nbytes)
-        out_name = "token_embd.weight" if cfg.tied_embeddings else "output.weight"
-        weights.output = load(out_name, weights.output, s.vocab_rows)
-        weights.output_norm = np.array(weights.output_norm)
-        advance(weights.output_norm.nbytes)
+            for kind in table.layer:
+                setattr(lw, kind.key, load(kind, getattr(lw, kind.key), i))
+        for kind in table.tail:
+            setattr(weights, kind.key, load(kind, getattr(weights, kind.key)))
     finally:
         reader.close()
     return weights

@@ -10,43 +10,22 @@ Nothing here copies weights, except tensors the model file had to convert at loa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Tuple
+from typing import Callable, Iterator, List, Optional
 
 import numpy as np
 
 from dllama_node.common.errors import ModelFileError, UsageError
 from dllama_node.model import quants
 from dllama_node.model.config import ModelConfig
+from dllama_node.model.tensors import Range, SliceSpec, TensorKind, Weight, tensor_table
 
-Weight = Tuple[np.ndarray, int]   # (array, GGML type)
-
-
-@dataclass(frozen=True)
-class SliceSpec:
-    """The units one node computes, as half-open ranges."""
-
-    q_heads: Tuple[int, int]
-    kv_heads: Tuple[int, int]
-    ffn_rows: Tuple[int, int]
-    vocab_rows: Tuple[int, int]
-
-    @classmethod
-    def full(cls, config: ModelConfig) -> "SliceSpec":
-        return cls((0, config.n_heads), (0, config.n_kv_heads), (0, config.hidden_dim),
-                   (0, config.vocab_size))
-
-    @property
-    def n_heads(self) -> int:
-        return self.q_heads[1] - self.q_heads[0]
-
-    @property
-    def n_kv_heads(self) -> int:
-        return self.kv_heads[1] - self.kv_heads[0]
+__all__ = ["LayerWeights", "NodeWeights", "SliceSpec", "Weight", "column_slice", "row_slice",
+           "weight_nbytes"]
 
 
 def row_slice(w: Weight, start: int, stop: int) -> Weight:
     arr, wtype = w
-    return arr[start:stop], wtype
+    return Weight(arr[start:stop], wtype)
 
 
 def column_slice(w: Weight, start: int, stop: int) -> Weight:
@@ -56,8 +35,8 @@ def column_slice(w: Weight, start: int, stop: int) -> Weight:
         if start % quants.QK or (stop % quants.QK and stop != _n_cols(w)):
             raise ValueError(f"column slice [{start}, {stop}) is not aligned to {quants.QK}-value blocks")
         per_block = quants.Q4_0_BLOCK_BYTES if wtype == quants.GGML_Q4_0 else quants.Q8_0_BLOCK_BYTES
-        return arr[:, start // quants.QK * per_block:stop // quants.QK * per_block], wtype
-    return arr[:, start:stop], wtype
+        return Weight(arr[:, start // quants.QK * per_block:stop // quants.QK * per_block], wtype)
+    return Weight(arr[:, start:stop], wtype)
 
 
 def _n_cols(w: Weight) -> int:
@@ -74,8 +53,19 @@ def weight_nbytes(w: Weight) -> int:
     return int(arr.shape[0]) * int(arr.shape[1]) * arr.itemsize if arr.ndim == 2 else int(arr.nbytes)
 
 
+def cut_view(w: Weight, rows: Optional[Range], cols: Optional[Range]):
+    """A node's part of a tensor as views (TensorKind.cut_ranges): a float32 vector when
+    rows is None, else rows [r0, r1) and, when cols is given, columns [c0, c1) of them."""
+    if rows is None:
+        return _vector(w)
+    w = row_slice(w, *rows)
+    return w if cols is None else column_slice(w, *cols)
+
+
 @dataclass
 class LayerWeights:
+    """One layer of this node's slice: an attribute per kind of the tensor table (its key)."""
+
     attn_norm: np.ndarray   # (dim,) float32
     wq: Weight              # (n_local_heads * head_dim, dim)
     wk: Weight              # (n_local_kv_heads * head_dim, dim)
@@ -102,26 +92,14 @@ class NodeWeights:
         """Views of `model`'s tensors (a dllama_node.model.ModelFile) for this node's slice."""
         cfg: ModelConfig = model.config
         spec = spec or SliceSpec.full(cfg)
-        hd = cfg.head_dim
-        q0, q1 = spec.q_heads[0] * hd, spec.q_heads[1] * hd
-        k0, k1 = spec.kv_heads[0] * hd, spec.kv_heads[1] * hd
-        f0, f1 = spec.ffn_rows
-        t = model.tensor
-        layers = []
-        for i in range(cfg.n_layers):
-            p = f"blk.{i}."
-            layers.append(LayerWeights(
-                attn_norm=_vector(t(p + "attn_norm.weight")),
-                wq=row_slice(t(p + "attn_q.weight"), q0, q1),
-                wk=row_slice(t(p + "attn_k.weight"), k0, k1),
-                wv=row_slice(t(p + "attn_v.weight"), k0, k1),
-                wo=column_slice(t(p + "attn_output.weight"), q0, q1),
-                ffn_norm=_vector(t(p + "ffn_norm.weight")),
-                w_gate=row_slice(t(p + "ffn_gate.weight"), f0, f1),
-                w_up=row_slice(t(p + "ffn_up.weight"), f0, f1),
-                w_down=column_slice(t(p + "ffn_down.weight"), f0, f1),
-            ))
-        output = t("token_embd.weight") if cfg.tied_embeddings else t("output.weight")
+        table = tensor_table(cfg)
+
+        def bind(kind: TensorKind, layer: Optional[int] = None):
+            return cut_view(model.tensor(kind.source(cfg, layer)), *kind.cut_ranges(cfg, spec))
+
+        layers = [LayerWeights(**{k.key: bind(k, i) for k in table.layer})
+                  for i in range(cfg.n_layers)]
+        tail = {k.key: bind(k) for k in table.tail}
         rope_inv_freq = model.rope_inv_freq()
         if rope_inv_freq.shape != (cfg.head_dim // 2,):
             raise ModelFileError(f"tensor rope_freqs.weight: expected {cfg.head_dim // 2} values "
@@ -130,8 +108,7 @@ class NodeWeights:
         def embed_rows(tokens: np.ndarray) -> np.ndarray:
             return model.dequantize_rows("token_embd.weight", tokens)
 
-        return cls(cfg, spec, embed_rows, layers, _vector(t("output_norm.weight")),
-                   row_slice(output, *spec.vocab_rows), rope_inv_freq)
+        return cls(cfg, spec, embed_rows, layers, rope_inv_freq=rope_inv_freq, **tail)
 
     def embed(self, tokens: np.ndarray, out: np.ndarray) -> None:
         """out[i] = the embedding row of tokens[i], float32. Only these rows are read
@@ -143,14 +120,23 @@ class NodeWeights:
                              f"[0, {self.config.vocab_size})")
         out[...] = self.embed_rows(tokens)
 
+    def tensors(self) -> Iterator:
+        """Every tensor this node holds, in table order: Weight matrices, float32 vectors."""
+        table = tensor_table(self.config)
+        for lw in self.layers:
+            for kind in table.layer:
+                yield getattr(lw, kind.key)
+        for kind in table.tail:
+            yield getattr(self, kind.key)
+
+    def matrices(self) -> List[np.ndarray]:
+        """The arrays of every matrix this node holds (what the service locks in RAM)."""
+        return [t.array for t in self.tensors() if isinstance(t, Weight)]
+
     def nbytes(self) -> int:
         """Bytes of this node's slice of the weights (what it reads per token)."""
-        total = sum(w.nbytes for w in (self.output_norm,)) + weight_nbytes(self.output)
-        for lw in self.layers:
-            total += lw.attn_norm.nbytes + lw.ffn_norm.nbytes
-            total += sum(weight_nbytes(w) for w in (lw.wq, lw.wk, lw.wv, lw.wo,
-                                                    lw.w_gate, lw.w_up, lw.w_down))
-        return total
+        return sum(weight_nbytes(t) if isinstance(t, Weight) else int(t.nbytes)
+                   for t in self.tensors())
 
 
 def _vector(w: Weight) -> np.ndarray:

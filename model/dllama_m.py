@@ -37,6 +37,7 @@ from dllama_node.common.errors import ModelFileError, UnsupportedModelError
 from dllama_node.model import quants
 from dllama_node.model.config import ModelConfig
 from dllama_node.model.gguf import GGUFTensor
+from dllama_node.model.tensors import Shape, TensorKind, dllama_m_tensors
 
 DLLAMA_M_MAGIC = 0x0A00ABCD
 OLD_MAGICS = (0xABCD00, 0xABCD01)      # the fixed-header format before 2024's key/value header
@@ -75,25 +76,11 @@ class DllamaMFile:
     file_size: int
 
 
-def tensor_layout(dim: int, hidden_dim: int, n_layers: int, n_heads: int, n_kv_heads: int,
-                  head_dim: int, vocab_size: int, weight_type: int) -> List[Tuple[str, int, Tuple[int, ...]]]:
-    """[(canonical GGUF name, GGML type, numpy shape)] in .m file order."""
-    q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
-    f32 = quants.GGML_F32
-    out = [("token_embd.weight", f32, (vocab_size, dim))]
-    for i in range(n_layers):
-        b = f"blk.{i}."
-        out += [(b + "attn_q.weight", weight_type, (q_dim, dim)),
-                (b + "attn_k.weight", weight_type, (kv_dim, dim)),
-                (b + "attn_v.weight", weight_type, (kv_dim, dim)),
-                (b + "attn_output.weight", weight_type, (dim, q_dim)),
-                (b + "ffn_gate.weight", weight_type, (hidden_dim, dim)),
-                (b + "ffn_down.weight", weight_type, (dim, hidden_dim)),
-                (b + "ffn_up.weight", weight_type, (hidden_dim, dim)),
-                (b + "attn_norm.weight", f32, (dim,)),
-                (b + "ffn_norm.weight", f32, (dim,))]
-    out += [("output_norm.weight", f32, (dim,)), ("output.weight", weight_type, (vocab_size, dim))]
-    return out
+def tensor_layout(config: ModelConfig, weight_type: int) -> List[Tuple[TensorKind, str, int, Shape]]:
+    """[(kind, canonical GGUF name, GGML type, numpy shape)] in .m file order (the tensor
+    table's m_order): vectors and the token embedding in F32, matrices in weight_type."""
+    return [(kind, name, quants.GGML_F32 if len(shape) == 1 or kind.m_f32 else weight_type, shape)
+            for kind, name, shape in dllama_m_tensors(config)]
 
 
 def _nbytes(ggml_type: int, shape: Tuple[int, ...]) -> int:
@@ -144,14 +131,11 @@ def read_dllama_m(path: str) -> DllamaMFile:
         header[name] = value
     metadata = _check_header(path, header)
 
-    dim, n_heads = header["dim"], header["n_heads"]
-    head_dim = header.get("head_dim") or dim // n_heads
     weight_type = FLOAT_TYPES[header["weights_float_type"]]
-    layout = tensor_layout(dim, header["hidden_dim"], header["n_layers"], n_heads,
-                           header["n_kv_heads"], head_dim, header["vocab_size"], weight_type)
+    layout = tensor_layout(_shape_config(header), weight_type)
     tensors: Dict[str, GGUFTensor] = {}
     offset = header_size
-    for name, ggml_type, shape in layout:
+    for _, name, ggml_type, shape in layout:
         t = quants.GGML_TYPES[ggml_type]
         if shape[-1] % t.block_size:
             raise ModelFileError(f"tensor {name}: row length {shape[-1]} is not a multiple of "
@@ -167,6 +151,14 @@ def read_dllama_m(path: str) -> DllamaMFile:
                              f"{file_size} bytes ({file_size - offset} extra): not the layout "
                              f"of a llama .m file")
     return DllamaMFile(path, header, header_size, metadata, tensors, file_size)
+
+
+def _shape_config(h: Dict[str, int]) -> ModelConfig:
+    """The dimensions a checked header gives, as a ModelConfig (enough to lay out tensors)."""
+    return ModelConfig(arch="llama", dim=h["dim"], hidden_dim=h["hidden_dim"],
+                       n_layers=h["n_layers"], n_heads=h["n_heads"], n_kv_heads=h["n_kv_heads"],
+                       head_dim=h.get("head_dim") or h["dim"] // h["n_heads"],
+                       vocab_size=h["vocab_size"], seq_len=h["max_seq_len"])
 
 
 def _check_header(path: str, h: Dict[str, int]) -> Dict[str, Any]:
@@ -293,22 +285,22 @@ def stored_bytes(data: np.ndarray, ggml_type: int, shape: Tuple[int, ...]) -> np
 def write_dllama_m(path: str, config: ModelConfig, weight_type: int, tensors: TensorSource,
                    version: int = 0) -> int:
     """Write a llama .m file; tensors maps canonical names to arrays (float32 values, or
-    uint8 bytes already in weight_type). output.weight falls back to token_embd.weight
-    (as distributed-llama's converter does for tied embeddings). Returns the file size."""
+    uint8 bytes already in weight_type). A tied tensor (output.weight) falls back to the one
+    it is tied to, as distributed-llama's converter does for tied embeddings. Returns the
+    file size."""
     get = tensors if callable(tensors) else tensors.__getitem__
     header = header_for(config, weight_type, version)
     body = b"".join(KEY_IDS[k].to_bytes(4, "little", signed=True) + int(v).to_bytes(4, "little", signed=True)
                     for k, v in header.items())
-    layout = tensor_layout(config.dim, config.hidden_dim, config.n_layers, config.n_heads,
-                           config.n_kv_heads, config.head_dim, config.vocab_size, weight_type)
+    layout = tensor_layout(config, weight_type)
     with open(path, "wb") as f:
         f.write(DLLAMA_M_MAGIC.to_bytes(4, "little") + (8 + len(body)).to_bytes(4, "little") + body)
-        for name, ggml_type, shape in layout:
+        for kind, name, ggml_type, shape in layout:
             try:
                 data = get(name)
             except KeyError:
-                if name != "output.weight":
+                if kind.tied_to is None:
                     raise
-                data = np.asarray(get("token_embd.weight"), dtype=np.float32)
+                data = np.asarray(get(kind.tied_to), dtype=np.float32)
             f.write(memoryview(stored_bytes(data, ggml_type, shape).reshape(-1).view(np.uint8)))
         return f.tell()

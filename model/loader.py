@@ -26,6 +26,7 @@ from dllama_node.model import convert, quants
 from dllama_node.model.config import ModelConfig, RopeScaling
 from dllama_node.model.dllama_m import DLLAMA_M_MAGIC, OLD_MAGICS, read_dllama_m
 from dllama_node.model.gguf import GGUF_MAGIC, read_gguf
+from dllama_node.model.tensors import Weight, file_shapes
 
 log = logging.getLogger(__name__)
 
@@ -40,29 +41,9 @@ class TensorInfo:
 
 
 def llama_tensor_shapes(config: ModelConfig, rope_freqs: bool = False) -> Dict[str, Tuple[int, ...]]:
-    """{name: numpy shape} of every tensor of a llama model, in GGUF file order.
-    output.weight is left out when config.tied_embeddings."""
-    c = config
-    shapes: Dict[str, Tuple[int, ...]] = {"token_embd.weight": (c.vocab_size, c.dim)}
-    if rope_freqs:
-        shapes["rope_freqs.weight"] = (c.head_dim // 2,)
-    for i in range(c.n_layers):
-        b = f"blk.{i}."
-        shapes.update({
-            b + "attn_norm.weight": (c.dim,),
-            b + "attn_q.weight": (c.q_dim, c.dim),
-            b + "attn_k.weight": (c.kv_dim, c.dim),
-            b + "attn_v.weight": (c.kv_dim, c.dim),
-            b + "attn_output.weight": (c.dim, c.q_dim),
-            b + "ffn_norm.weight": (c.dim,),
-            b + "ffn_gate.weight": (c.hidden_dim, c.dim),
-            b + "ffn_up.weight": (c.hidden_dim, c.dim),
-            b + "ffn_down.weight": (c.dim, c.hidden_dim),
-        })
-    shapes["output_norm.weight"] = (c.dim,)
-    if not c.tied_embeddings:
-        shapes["output.weight"] = (c.vocab_size, c.dim)
-    return shapes
+    """{name: numpy shape} of every tensor of a llama model, in GGUF file order (from the
+    tensor table). output.weight is left out when config.tied_embeddings."""
+    return file_shapes(config, ("rope_freqs.weight",) if rope_freqs else ())
 
 
 def _shape_str(shape: Tuple[int, ...]) -> str:
@@ -230,8 +211,8 @@ class ModelFile:
             raise ValueError(f"tensor {info.name}: rows [{start}, {stop}) outside [0, {n_rows})")
         return start, stop
 
-    def tensor(self, name: str, rows: Optional[Tuple[int, int]] = None) -> Tuple[np.ndarray, int]:
-        """(array, kernel_type). F32 -> float32 view, F16 -> float16 view, Q4_0/Q8_0 ->
+    def tensor(self, name: str, rows: Optional[Tuple[int, int]] = None) -> Weight:
+        """Weight(array, kernel_type). F32 -> float32 view, F16 -> float16 view, Q4_0/Q8_0 ->
         uint8 (rows, row_bytes) view; vectors always float32; other types converted.
 
         rows: a half-open range [start, stop) of a matrix's rows, so a node converts only
@@ -246,7 +227,7 @@ class ModelFile:
                               info.offset + start * stored_row, (stop - start) * stored_row)
         kt = convert.converted_type(info.ggml_type, info.shape)
         if kt != info.ggml_type:
-            return convert.convert_tensor(raw, info.ggml_type, info.shape)
+            return Weight(*convert.convert_tensor(raw, info.ggml_type, info.shape))
         if kt == quants.GGML_F32:
             arr = raw.view("<f4").reshape(info.shape)
         elif kt == quants.GGML_F16:
@@ -255,7 +236,7 @@ class ModelFile:
             arr = raw.reshape(*info.shape[:-1], quants.row_bytes(kt, info.shape[-1]))
         if not arr.flags.aligned:      # a GGUF with general.alignment < 4 can do this
             arr = arr.copy()
-        return arr, kt
+        return Weight(arr, kt)
 
     def dequantize_rows(self, name: str, index: np.ndarray) -> np.ndarray:
         """float32 (len(index), cols): rows of a matrix dequantized straight from the file,
@@ -293,7 +274,7 @@ class ModelFile:
 
 def _validate(path: str, config: ModelConfig, tensors: Dict[str, TensorInfo]) -> None:
     """Every tensor llama needs is there, with its shape, in a type we can run."""
-    expected = llama_tensor_shapes(config, rope_freqs="rope_freqs.weight" in tensors)
+    expected = file_shapes(config, optional=tensors)
     converted: Counter = Counter()
     for name, shape in expected.items():
         info = tensors.get(name)

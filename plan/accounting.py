@@ -43,8 +43,9 @@ from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional
 
 from dllama_node.model import quants
+from dllama_node.model.tensors import UNITS, SliceSpec, TensorKind, tensor_table
 
-from .layout import LAYER_GROUPS, ModelLayout, slice_row_bytes
+from .layout import ModelLayout, slice_row_bytes
 
 F32_BYTES = 4
 SAMPLER_BYTES_PER_TOKEN = 8   # float prob + int32 index per vocab entry (llama2.c's ProbIndex)
@@ -73,6 +74,14 @@ class SliceCounts:
     n_ffn_rows: int = 0
     n_vocab_rows: int = 0
 
+    @classmethod
+    def of(cls, spec: SliceSpec) -> "SliceCounts":
+        return cls(**{f"n_{unit}": spec.count(unit) for unit in UNITS})
+
+    def count(self, unit: str) -> int:
+        """Units held of a kind named as in SliceSpec ("q_heads" -> n_q_heads)."""
+        return getattr(self, "n_" + unit)
+
 
 @dataclass(frozen=True)
 class MemoryNeed:
@@ -97,22 +106,28 @@ class MemoryNeed:
 
 
 def weight_bytes(layout: ModelLayout, counts: SliceCounts, holds_layers: bool = True) -> Dict[str, int]:
-    """Exact bytes of a slice's rows of every matrix, all layers, by group (plus the norms)."""
+    """Exact bytes of a slice's part of every tensor the tensor table puts in a slice, all
+    layers, summed by the table's group ("attn_q", ..., "norms", "output")."""
     if not holds_layers:
         return {}
     c = layout.config
-    q_cols = counts.n_q_heads * c.head_dim
-    out: Dict[str, int] = {g: 0 for g in LAYER_GROUPS}
-    for t in layout.layers:
-        out["attn_q"] += q_cols * slice_row_bytes(t.attn_q, c.dim)
-        out["attn_k"] += counts.n_kv_heads * c.head_dim * slice_row_bytes(t.attn_k, c.dim)
-        out["attn_v"] += counts.n_kv_heads * c.head_dim * slice_row_bytes(t.attn_v, c.dim)
-        out["attn_output"] += c.dim * slice_row_bytes(t.attn_output, q_cols)
-        out["ffn_gate"] += counts.n_ffn_rows * slice_row_bytes(t.ffn_gate, c.dim)
-        out["ffn_up"] += counts.n_ffn_rows * slice_row_bytes(t.ffn_up, c.dim)
-        out["ffn_down"] += c.dim * slice_row_bytes(t.ffn_down, counts.n_ffn_rows)
-    out["norms"] = (2 * c.n_layers + 1) * c.dim * F32_BYTES
-    out["output"] = counts.n_vocab_rows * slice_row_bytes(layout.output_type, c.dim)
+    table = tensor_table(c)
+    out: Dict[str, int] = {}
+
+    def add(kind: TensorKind, layers) -> None:
+        if not kind.in_slice or kind.group is None:
+            return
+        shape = kind.held_shape(c, counts.count)
+        n_rows = 1
+        for n in shape[:-1]:
+            n_rows *= n
+        out[kind.group] = out.get(kind.group, 0) + sum(
+            n_rows * slice_row_bytes(layout.type_of(kind, layer), shape[-1]) for layer in layers)
+
+    for kind in table.layer:
+        add(kind, range(c.n_layers))
+    for kind in table.head + table.tail:
+        add(kind, (None,))
     return out
 
 

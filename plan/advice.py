@@ -15,7 +15,7 @@ from dllama_node.common.units import GiB, MiB
 
 from .accounting import ROLE_COORDINATOR, ROLE_WORKER, MemoryNeed, SliceCounts
 from .data import Draft, NodeCapacity, NodeSlice, PlanError, Shortfall
-from .layout import F16, F32, LAYER_GROUPS, Q4_0, Q8_0
+from .layout import F16, F32, Q4_0, Q8_0
 from .seq_len import LIMIT_MEMORY, LIMIT_MODEL, seq_len_reason as reason_text, shorter_lengths
 
 if TYPE_CHECKING:   # the planner imports this module
@@ -169,7 +169,7 @@ def _smallest_extra_node(planner: "Planner", seq_len: int) -> Optional[int]:
 
 def _smaller_quantization(planner: "Planner", seq_len: int) -> Optional[str]:
     layout = planner.layout
-    types = {getattr(t, g) for t in layout.layers for g in LAYER_GROUPS} | {layout.output_type}
+    types = layout.matrix_types()
     if not types & {F32, F16, Q8_0}:
         return None
     smaller = layout.requantized(Q4_0)

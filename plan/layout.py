@@ -5,27 +5,21 @@ F32, F16, Q4_0 and Q8_0 stay as stored; every other GGML type (BF16, Q4_1, Q5_x,
 is converted by the loader when it reads the file -- matrices to Q8_0, vectors to F32 -- so
 that is the type whose bytes the plan counts. Norm vectors are always F32 in memory.
 
-Weight groups, named as in GGUF; shapes are numpy order (rows, cols), rows = output features:
-
-    attn_q       (n_heads * head_dim, dim)      per layer
-    attn_k       (n_kv_heads * head_dim, dim)   per layer
-    attn_v       (n_kv_heads * head_dim, dim)   per layer
-    attn_output  (dim, n_heads * head_dim)      per layer
-    ffn_gate     (hidden_dim, dim)              per layer
-    ffn_up       (hidden_dim, dim)              per layer
-    ffn_down     (dim, hidden_dim)              per layer
-    output       (vocab_size, dim)              the classifier; token_embd when tied
-    token_embd   (vocab_size, dim)              read by the root one row at a time (memmap)
+What the model holds, and how each tensor is cut, is the tensor table (model/tensors.py);
+the layout adds the kernel type of each matrix: per layer, by the table's group name
+("attn_q", "ffn_down", ...), and for the classifier (token_embd's when tied) and the token
+embedding, which the root reads one row at a time from the memory map.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional, Set, Tuple
 
 from dllama_node.common.errors import ModelFileError
 from dllama_node.model import quants
 from dllama_node.model.config import ModelConfig
+from dllama_node.model.tensors import TensorKind, TensorTable, model_tensors, tensor_table
 
 F32 = quants.GGML_F32
 F16 = quants.GGML_F16
@@ -34,8 +28,6 @@ Q8_0 = quants.GGML_Q8_0
 
 KERNEL_TYPES = (F32, F16, Q4_0, Q8_0)
 QUANTIZED_TYPES = (Q4_0, Q8_0)
-
-LAYER_GROUPS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
 def type_name(ggml_type: int) -> str:
@@ -56,21 +48,16 @@ def slice_row_bytes(ggml_type: int, k: int) -> int:
     return quants.row_bytes(ggml_type, k)
 
 
-@dataclass(frozen=True)
-class LayerTypes:
-    """Kernel type of each matrix of one transformer layer."""
+def _shape_text(shape: Tuple[int, ...]) -> str:
+    return "x".join(str(n) for n in shape)
 
-    attn_q: int
-    attn_k: int
-    attn_v: int
-    attn_output: int
-    ffn_gate: int
-    ffn_up: int
-    ffn_down: int
 
-    @classmethod
-    def uniform(cls, ggml_type: int) -> "LayerTypes":
-        return cls(*(kernel_type(ggml_type),) * len(LAYER_GROUPS))
+LayerTypes = Mapping[str, int]          # kernel type of each matrix of one layer, by group
+
+
+def uniform_layer_types(table: TensorTable, ggml_type: int) -> LayerTypes:
+    """Every matrix of a layer in the kernel type of `ggml_type`."""
+    return {group: kernel_type(ggml_type) for group in table.layer_groups}
 
 
 @dataclass(frozen=True)
@@ -78,7 +65,7 @@ class ModelLayout:
     """ModelConfig + the kernel type of every matrix: all the planner needs to count bytes."""
 
     config: ModelConfig
-    layers: Tuple[LayerTypes, ...]      # one per layer, n_layers of them
+    layers: Tuple[LayerTypes, ...] = field(hash=False)   # per layer: {group: kernel type}
     output_type: int                    # classifier rows (token_embd's type when tied)
     token_embd_type: int                # as read from the file by the root, one row per token
 
@@ -103,7 +90,8 @@ class ModelLayout:
         embd = kernel_type(matrix_type if token_embd_type is None else token_embd_type)
         out = embd if config.tied_embeddings else kernel_type(
             matrix_type if output_type is None else output_type)
-        return cls(config, (LayerTypes.uniform(matrix_type),) * config.n_layers, out, embd)
+        types = uniform_layer_types(tensor_table(config), matrix_type)
+        return cls(config, (types,) * config.n_layers, out, embd)
 
     @classmethod
     def from_tensors(cls, config: ModelConfig, tensors: Mapping[str, Any]) -> "ModelLayout":
@@ -112,30 +100,43 @@ class ModelLayout:
         Checks every matrix is there with the shape the config implies; raises ModelFileError
         naming the tensor, the shape expected and the shape found."""
         c = config
-        q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-        expected = {"attn_q": (q_dim, c.dim), "attn_k": (kv_dim, c.dim), "attn_v": (kv_dim, c.dim),
-                    "attn_output": (c.dim, q_dim), "ffn_gate": (c.hidden_dim, c.dim),
-                    "ffn_up": (c.hidden_dim, c.dim), "ffn_down": (c.dim, c.hidden_dim)}
+        tied = c.tied_embeddings or "output.weight" not in tensors
+        if tied and not c.tied_embeddings:
+            config = c = dataclasses.replace(c, tied_embeddings=True)
 
-        def type_of(name: str, shape: Tuple[int, int]) -> int:
+        def type_of(name: str, shape: Tuple[int, ...]) -> int:
             info = tensors.get(name)
             if info is None:
                 raise ModelFileError(f"tensor {name}: missing from the model file")
             found = tuple(int(n) for n in info.shape)
             if found != shape:
-                raise ModelFileError(f"tensor {name}: expected shape {shape[0]}x{shape[1]}, "
-                                     f"found {'x'.join(str(n) for n in found)}")
+                raise ModelFileError(f"tensor {name}: expected shape {_shape_text(shape)}, "
+                                     f"found {_shape_text(found)}")
             return kernel_type(int(info.ggml_type))
 
-        layers = tuple(
-            LayerTypes(**{g: type_of(f"blk.{i}.{g}.weight", expected[g]) for g in LAYER_GROUPS})
-            for i in range(c.n_layers))
-        embd = type_of("token_embd.weight", (c.vocab_size, c.dim))
-        tied = c.tied_embeddings or "output.weight" not in tensors
-        if tied and not c.tied_embeddings:
-            config = dataclasses.replace(c, tied_embeddings=True)
-        out = embd if tied else type_of("output.weight", (c.vocab_size, c.dim))
-        return cls(config, layers, out, embd)
+        layers = [dict() for _ in range(c.n_layers)]
+        globals_: Dict[str, int] = {}
+        for t in model_tensors(c):
+            if len(t.shape) != 2:
+                continue                                    # vectors are F32 in memory
+            ggml_type = type_of(t.source, t.shape)
+            if t.layer is not None:
+                layers[t.layer][t.kind.group] = ggml_type
+            else:
+                globals_[t.kind.key] = ggml_type
+        return cls(config, tuple(layers), globals_["output"], globals_["token_embd"])
+
+    def type_of(self, kind: TensorKind, layer: Optional[int] = None) -> int:
+        """The kernel type a node holds a tensor of this kind in (vectors: F32)."""
+        if len(kind.shape(self.config)) == 1:
+            return F32
+        if layer is not None:
+            return self.layers[layer][kind.group]
+        return {"output": self.output_type, "token_embd": self.token_embd_type}[kind.key]
+
+    def matrix_types(self) -> Set[int]:
+        """Every kernel type a layer matrix or the classifier is held in."""
+        return {t for types in self.layers for t in types.values()} | {self.output_type}
 
     def requantized(self, matrix_type: int) -> "ModelLayout":
         """The same model with every matrix (classifier too) in `matrix_type`: what a smaller
@@ -146,7 +147,10 @@ class ModelLayout:
 
     @property
     def quantized_attn_output(self) -> bool:
-        return any(t.attn_output in QUANTIZED_TYPES for t in self.layers)
+        """Some matrix whose columns are cut by query heads is block-quantized."""
+        cut = [k.group for k in tensor_table(self.config).layer
+               if k.cut.unit == "q_heads" and k.cut.axis == 1]
+        return any(types[g] in QUANTIZED_TYPES for types in self.layers for g in cut)
 
     @property
     def heads_per_unit(self) -> int:
@@ -162,23 +166,18 @@ class ModelLayout:
 
     def check_sliceable(self) -> None:
         """Raise ModelFileError when quantized rows could not be cut in whole blocks."""
-        c = self.config
-        widths = {"attn_q": c.dim, "attn_k": c.dim, "attn_v": c.dim, "ffn_gate": c.dim, "ffn_up": c.dim,
-                  "attn_output": c.n_heads * c.head_dim, "ffn_down": c.hidden_dim}
-        for i, types in enumerate(self.layers):
-            for group, width in widths.items():
-                t = getattr(types, group)
-                if t in QUANTIZED_TYPES and width % quants.QK:
-                    raise ModelFileError(f"tensor blk.{i}.{group}.weight: {type_name(t)} rows of {width} "
-                                         f"values are not whole blocks of {quants.QK}")
-        if self.output_type in QUANTIZED_TYPES and c.dim % quants.QK:
-            raise ModelFileError(f"tensor output.weight: {type_name(self.output_type)} rows of {c.dim} "
-                                 f"values are not whole blocks of {quants.QK}")
+        for t in model_tensors(self.config):
+            if len(t.shape) != 2 or not t.kind.in_slice:
+                continue
+            ggml_type, width = self.type_of(t.kind, t.layer), t.shape[1]
+            if ggml_type in QUANTIZED_TYPES and width % quants.QK:
+                raise ModelFileError(f"tensor {t.name}: {type_name(ggml_type)} rows of {width} "
+                                     f"values are not whole blocks of {quants.QK}")
 
     def describe(self) -> dict:
         """JSON-ready summary: dimensions and type names."""
         c = self.config
-        kinds = sorted({type_name(getattr(t, g)) for t in self.layers for g in LAYER_GROUPS})
+        kinds = sorted({type_name(t) for types in self.layers for t in types.values()})
         return {"dim": c.dim, "hidden_dim": c.hidden_dim, "n_layers": c.n_layers, "n_heads": c.n_heads,
                 "n_kv_heads": c.n_kv_heads, "head_dim": c.head_dim, "vocab_size": c.vocab_size,
                 "seq_len": c.seq_len, "tied_embeddings": c.tied_embeddings, "layer_types": kinds,

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from dllama_node.engine.load import load_weights
-from dllama_node.engine.weights import NodeWeights, SliceSpec
+from dllama_node.engine.weights import NodeWeights
+from dllama_node.model.tensors import SliceSpec
 from dllama_node.model import open_model
 from dllama_node.model.generate import PRESETS, write_random_model
 

@@ -138,9 +138,9 @@ def test_from_tensors_maps_types_checks_shapes_and_sees_tied_output():
     types = {name: (12 if "ffn_down" in name else 30 if "attn_v" in name else Q4_0) for name in shapes}
     tensors = {name: T(ggml_type=types[name], shape=shape) for name, shape in shapes.items()}
     layout = ModelLayout.from_tensors(config, tensors)
-    assert layout.layers[1].ffn_down == Q8_0            # Q4_K is loaded as Q8_0
-    assert layout.layers[0].attn_v == Q8_0              # BF16 too
-    assert layout.layers[0].attn_q == Q4_0 and layout.output_type == Q4_0
+    assert layout.layers[1]["ffn_down"] == Q8_0         # Q4_K is loaded as Q8_0
+    assert layout.layers[0]["attn_v"] == Q8_0           # BF16 too
+    assert layout.layers[0]["attn_q"] == Q4_0 and layout.output_type == Q4_0
     del tensors["output.weight"]
     tensors["token_embd.weight"] = T(ggml_type=F16, shape=(32000, 2048))
     tied = ModelLayout.from_tensors(config, tensors)

@@ -20,7 +20,8 @@ from dllama_node.cluster.slices import (SliceManifest, SliceTensor, iter_chunks,
                                         slice_manifest, slice_weights)
 from dllama_node.common.errors import ClusterError, ModelFileError, ProtocolError, UsageError
 from dllama_node.engine.load import load_weights
-from dllama_node.engine.weights import NodeWeights, SliceSpec
+from dllama_node.engine.weights import NodeWeights
+from dllama_node.model.tensors import SliceSpec
 from dllama_node.model import open_model, quants
 from dllama_node.model.config import RopeScaling
 from dllama_node.model.generate import (PRESETS, model_metadata, model_tensor_types,
