@@ -1,8 +1,9 @@
-"""Builds the one compiled module, dllama_node.kernels._kernels.
+"""Builds the two compiled modules: dllama_node.kernels._kernels, the math, and
+dllama_node.cluster._mesh_exchange, the mesh all-reduce's socket step.
 
-The C sources pick their instruction sets per file with `#pragma GCC target`, so one
-build carries the scalar, AVX2 and AVX-512 VNNI paths on x86 (NEON and dotprod on ARM)
-and the best one is chosen at run time. A small pthread pool (kernels/src/matmul.c)
+The kernels' C sources pick their instruction sets per file with `#pragma GCC target`,
+so one build carries the scalar, AVX2 and AVX-512 VNNI paths on x86 (NEON and dotprod on
+ARM) and the best one is chosen at run time. A small pthread pool (kernels/src/matmul.c)
 spreads matrix rows over threads.
 Compiles with Cython 3.x (pip) and Cython 0.29 (Debian bookworm's cython3).
 """
@@ -31,17 +32,24 @@ if machine.startswith("arm") and not machine.startswith("arm64"):
 if os.environ.get("DLLAMA_KERNELS_DEBUG"):
     compile_args = [a if a != "-O3" else "-O0" for a in compile_args] + ["-g"]
 
-ext = Extension(
+kernels = Extension(
     "dllama_node.kernels._kernels",
     sources=SOURCES,
     include_dirs=["kernels/src"],
     extra_compile_args=compile_args,
     extra_link_args=["-pthread"],
 )
+# sends, polls and receives without the GIL (cluster/mesh_exchange.h): cluster code, no math
+mesh_exchange = Extension(
+    "dllama_node.cluster._mesh_exchange",
+    sources=["cluster/_mesh_exchange.pyx"],
+    include_dirs=["cluster"],
+    extra_compile_args=compile_args,
+)
 
 setup(
     ext_modules=cythonize(
-        [ext],
+        [kernels, mesh_exchange],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
         # a second build (scripts/test builds with Debian's Cython 0.29 too) keeps its
         # generated C apart from the tree's

@@ -4,8 +4,9 @@ and the workers' synchronizers).
 
 The sends never block: two nodes sending large batches at each other at once would both
 stall on full socket buffers, so what does not fit is sent as the peer drains it, while
-this node receives. The step runs in one kernel call without the GIL
-(kernels/src/mesh_exchange.h); the same step in Python remains for a build without it.
+this node receives. The step runs in one compiled call without the GIL
+(cluster/mesh_exchange.h, the module cluster._mesh_exchange); the same step in Python
+remains for a build without it.
 """
 from __future__ import annotations
 
@@ -25,6 +26,15 @@ if TYPE_CHECKING:
     from dllama_node.cluster.sync_tcp import Peer
 
 
+def _compiled_exchange():
+    """The whole step in C (cluster/mesh_exchange.h), or None where the build lacks it."""
+    try:
+        from dllama_node.cluster._mesh_exchange import mesh_exchange
+    except ImportError:
+        return None
+    return mesh_exchange
+
+
 class _LinkFailure(ClusterError):
     """Inside an exchange: the link to node `index` failed, or that node reported the
     failure of `blamed_node`."""
@@ -42,9 +52,9 @@ class MeshExchange:
     encodes into its own frame, the others' arrive in theirs; parts[i] is its payload.
     The sum decodes all N parts and adds them in node order in one kernel call (q8_0) or
     numpy adds (f32): the arithmetic of cluster/wire.py's sum_parts_into, with no
-    allocation per call. The step itself -- sends, polls, receives -- runs in one kernel
-    call without the GIL (kernels/src/mesh_exchange.h); the same step in Python remains
-    for a build without it. A failure raises _LinkFailure naming the node."""
+    allocation per call. The step itself -- sends, polls, receives -- runs in one compiled
+    call without the GIL (cluster/mesh_exchange.h); the same step in Python remains for a
+    build without it. A failure raises _LinkFailure naming the node."""
 
     USE_KERNEL = True        # tests switch it off to run the Python step
 
@@ -74,10 +84,7 @@ class MeshExchange:
         self.by_fd = {p.conn.sock.fileno(): (i, p) for i, p in self.others}
         self.poller = select.poll()
         self.timeout_s = min((p.conn.timeout_s for _, p in self.others), default=0.0)
-        # the whole step in C (kernels/src/mesh_exchange.h) where the build has it
-        from dllama_node.kernels import _kernels
-
-        self.kernel = getattr(_kernels, "mesh_exchange", None) if self.USE_KERNEL else None
+        self.kernel = _compiled_exchange() if self.USE_KERNEL else None
         self.fds = np.array([p.conn.sock.fileno() for _, p in self.others], np.int32)
         self.nodes = np.array([i for i, _ in self.others], np.int32)
 

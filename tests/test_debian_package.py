@@ -61,7 +61,9 @@ def test_contents(deb):
                    "/usr/share/man/man8/dllama-node.8.gz", "/usr/share/man/man1/dllama-ctl.1.gz"]:
         assert needed in paths, needed
     assert any(re.search(r"/dllama_node/kernels/_kernels\.cpython-3\d+-.*\.so$", p) for p in paths)
-    assert not any(p.endswith("_kernels.c") for p in paths)       # generated C is not shipped
+    assert any(re.search(r"/dllama_node/cluster/_mesh_exchange\.cpython-3\d+-.*\.so$", p)
+               for p in paths)
+    assert not any(p.endswith(("_kernels.c", "_mesh_exchange.c")) for p in paths)   # generated C
     conffiles = dh.run(["dpkg-deb", "-I", str(deb), "conffiles"]).stdout.split()
     assert conffiles == ["/etc/dllama-node/dllama-node.conf"]
     if (dh.ROOT / "demo" / "stories.gguf").exists():

@@ -30,6 +30,9 @@ def checkout(tmp_path) -> Path:
                     ignore=shutil.ignore_patterns("*.so", "*.c", "__pycache__", "harness"))
     for source in (REPO_ROOT / "kernels" / "src").glob("*.[ch]"):
         shutil.copy(source, root / "kernels" / "src" / source.name)
+    (root / "cluster").mkdir()
+    for name in ("_mesh_exchange.pyx", "mesh_exchange.h"):
+        shutil.copy(REPO_ROOT / "cluster" / name, root / "cluster" / name)
     (root / ".venv" / "bin").mkdir(parents=True)
     os.symlink(sys.executable, root / ".venv" / "bin" / "python")
     return root
@@ -54,7 +57,8 @@ def test_unchanged_inputs_skip_the_set_up(checkout):
 
 def test_each_input_changes_the_digest(checkout):
     before = setup(checkout, "--digest").stdout
-    for name in ("constraints.txt", "kernels/src/ops.c", "kernels/_kernels.pyx", "setup.py"):
+    for name in ("constraints.txt", "kernels/src/ops.c", "kernels/_kernels.pyx", "setup.py",
+                 "cluster/_mesh_exchange.pyx", "cluster/mesh_exchange.h"):
         path = checkout / name
         original = path.read_bytes()
         path.write_bytes(original + b"\n")

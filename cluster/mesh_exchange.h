@@ -14,7 +14,7 @@
  * length); anything else stops the step so that the caller can read what came instead.
  * Returns DL_MESH_OK, or a DL_MESH_* failure with the link, errno and bytes received
  * from that link in *fail. Linux and other POSIX systems; header-only, included by
- * kernels/_kernels.pyx.
+ * cluster/_mesh_exchange.pyx (the compiled module dllama_node.cluster._mesh_exchange).
  */
 #ifndef DL_MESH_EXCHANGE_H
 #define DL_MESH_EXCHANGE_H
