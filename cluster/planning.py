@@ -1,18 +1,11 @@
-"""From a model and the nodes at hand to each node's SliceSpec, through the planner."""
+"""From a model and the nodes at hand to a shard plan (each node's SliceSpec is its .spec)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 from dllama_node.common.memory import read_memory
 from dllama_node.common.process_limits import lockable_bytes
-from dllama_node.engine.weights import SliceSpec
-from dllama_node.plan import (ModelLayout, NodeCapacity, NodeSlice, PlanOptions, ShardPlan,
-                              plan_shards)
-
-
-def slice_spec(node: NodeSlice) -> SliceSpec:
-    return SliceSpec(tuple(node.q_heads), tuple(node.kv_heads), tuple(node.ffn_rows),
-                     tuple(node.vocab_rows))
+from dllama_node.plan import ModelLayout, NodeCapacity, PlanOptions, ShardPlan, plan_shards
 
 
 def local_capacities(n_nodes: int, threads: int = 1) -> list:

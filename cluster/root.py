@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 from dllama_node.cluster.auth import INITIATOR, Handshake
-from dllama_node.cluster.planning import make_plan, slice_spec
+from dllama_node.cluster.planning import make_plan
 from dllama_node.cluster.protocol import PROTOCOL_VERSION, Connection, Kind, DEFAULT_TIMEOUT_S
 from dllama_node.cluster.sync_tcp import NodeFailure, Peer, RootMeshSync, RootSync
 from dllama_node.cluster.transfer import serve_slice
@@ -156,13 +156,11 @@ class ClusterRoot:
                     "model_path": None if self.stream_weights else self.model_path,
                     "model_identity": self.model_identity, "model_size": self.model.file_size,
                     "config": {k: v for k, v in cfg.__dict__.items() if k != "rope_scaling"},
-                    "slice": {"q_heads": list(node.q_heads), "kv_heads": list(node.kv_heads),
-                              "ffn_rows": list(node.ffn_rows),
-                              "vocab_rows": list(node.vocab_rows)},
+                    "slice": node.spec.to_dict(),
                     "seq_len": self.plan.max_seq_len, "batch": self.batch,
                     "planned_bytes": node.memory.total - node.memory.reserve,
                     "threads": self.threads, "wire": self.wire, "load_id": load_id})
-                self.peers.append(Peer(w.node_id, conn, tuple(node.vocab_rows), w.process))
+                self.peers.append(Peer(w.node_id, conn, node.spec.vocab_rows, w.process))
             assigned = {p.node_id for p in self.peers} | {root_slice.node_id}
             missing = [n.node_id for n in self.plan.nodes if n.node_id not in assigned]
             if missing:   # every slice must run somewhere, or the sums are wrong
@@ -170,7 +168,7 @@ class ClusterRoot:
                                    "not connected")
             say(f"loading {len(self.peers) + 1} slices")
             t0 = time.perf_counter()
-            weights = load_weights(self.model, slice_spec(root_slice), progress=load_progress)
+            weights = load_weights(self.model, root_slice.spec, progress=load_progress)
             transformer = Transformer(weights, self.plan.max_seq_len, self.threads, self.batch)
             transformer.forward = self._timed(transformer.forward)
             self.reports = [NodeReport(root_slice.node_id, root_slice.role,
@@ -179,7 +177,7 @@ class ClusterRoot:
                                        time.perf_counter() - t0)]
             for peer in self.peers:
                 node = by_id[peer.node_id]
-                streamed = serve_slice(peer.conn, self.model, slice_spec(node), peer.node_id,
+                streamed = serve_slice(peer.conn, self.model, node.spec, peer.node_id,
                                        stream_progress)
                 r = self._loaded(peer)
                 self.reports.append(NodeReport(peer.node_id, node.role, node.memory.total,

@@ -198,7 +198,8 @@ class ControlOps:
                 role = "worker"
             else:
                 role = "standby"
-            slice_text = slice_cell(n.q_heads, n.ffn_rows, n.vocab_rows) if n is not None else ""
+            slice_text = (slice_cell(n.spec.q_heads, n.spec.ffn_rows, n.spec.vocab_rows)
+                          if n is not None else "")
             locked_bytes = locked.get(a.node_id)
             rows.append({
                 "node_id": a.node_id, "role": role,

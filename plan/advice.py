@@ -96,7 +96,7 @@ def seq_len_reason(planner: "Planner", draft: Draft, seq_len: int, balanced: boo
     slice_nodes = [n for n in draft.nodes if n.role != ROLE_COORDINATOR]
     worst: Optional[Tuple[int, NodeSlice, MemoryNeed]] = None
     for node in slice_nodes:
-        counts = SliceCounts(node.n_q_heads, node.n_kv_heads, node.n_ffn_rows, node.n_vocab_rows)
+        counts = SliceCounts.of(node.spec)
         full = planner.need(counts, node.role, model_seq, len(slice_nodes))
         deficit = full.total - node.memory.available - node.memory.swap_allowed
         if worst is None or deficit > worst[0]:

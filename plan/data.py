@@ -10,9 +10,9 @@ from typing import Dict, Optional, Sequence, Tuple
 
 from dllama_node.common.errors import MemoryPlanError
 from dllama_node.common.units import MiB
+from dllama_node.model.tensors import SliceSpec
 
 from .accounting import ROLE_COORDINATOR, NodeMemory
-from .apportion import Range
 from .layout import ModelLayout
 
 DEFAULT_RESERVE_BYTES = 64 * MiB
@@ -61,39 +61,19 @@ class PlanOptions:
 
 @dataclass(frozen=True)
 class NodeSlice:
-    """One node's part of the plan. Ranges are half-open [start, stop); (0, 0) when empty."""
+    """One node's part of the plan: who holds it, its units (the SliceSpec the node's
+    weights are cut by, half-open ranges, (0, 0) when empty) and what they cost."""
 
     node_id: str
     node_index: int             # position in the plan; the root is 0
     role: str                   # "root", "worker" or "coordinator"
     weight: float               # the speed score or split weight its share followed
-    q_heads: Range
-    kv_heads: Range
-    ffn_rows: Range
-    vocab_rows: Range
+    spec: SliceSpec
     memory: NodeMemory
-
-    @property
-    def n_q_heads(self) -> int:
-        return self.q_heads[1] - self.q_heads[0]
-
-    @property
-    def n_kv_heads(self) -> int:
-        return self.kv_heads[1] - self.kv_heads[0]
-
-    @property
-    def n_ffn_rows(self) -> int:
-        return self.ffn_rows[1] - self.ffn_rows[0]
-
-    @property
-    def n_vocab_rows(self) -> int:
-        return self.vocab_rows[1] - self.vocab_rows[0]
 
     def to_dict(self) -> dict:
         return {"node_id": self.node_id, "node_index": self.node_index, "role": self.role,
-                "weight": self.weight, "q_heads": list(self.q_heads), "kv_heads": list(self.kv_heads),
-                "ffn_rows": list(self.ffn_rows), "vocab_rows": list(self.vocab_rows),
-                "memory": self.memory.to_dict()}
+                "weight": self.weight, **self.spec.to_dict(), "memory": self.memory.to_dict()}
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from dllama_node.common.errors import UsageError
+from dllama_node.model.tensors import SliceSpec
 
 from . import advice
 from .accounting import (ROLE_COORDINATOR, ROLE_ROOT, ROLE_WORKER, MemoryNeed, SliceCounts, memory_need,
@@ -351,7 +352,7 @@ class _Attempt:
         memory = settle(need, available=cap.available_ram_bytes, free_swap=cap.free_swap_bytes,
                         allow_swap=self.use_swap, memlock_limit=cap.memlock_limit_bytes)
         weight = 0.0 if role == ROLE_COORDINATOR else self.weights[i]
-        return NodeSlice(cap.node_id, index, role, weight, q, kv, ffn, vocab, memory)
+        return NodeSlice(cap.node_id, index, role, weight, SliceSpec(q, kv, ffn, vocab), memory)
 
     def cluster_shortfall(self, kind: str) -> Shortfall:
         """The least the whole model needs on these nodes (no KV head twice) against their sum."""

@@ -18,6 +18,7 @@ import math
 from typing import List, Sequence
 
 from dllama_node.common.units import MiB
+from dllama_node.model.tensors import UNITS
 
 from .data import NodeSlice, ShardPlan
 
@@ -90,11 +91,10 @@ def slice_table(plan: ShardPlan) -> List[str]:
     """Which query heads, KV heads, FFN rows and vocabulary rows each node holds."""
     nodes = plan.nodes
     rows = [list(SLICE_HEADERS)]
-    rows += [[n.node_id, n.role, range_text(n.q_heads), range_text(n.kv_heads),
-              range_text(n.ffn_rows), range_text(n.vocab_rows)] for n in nodes]
-    rows.append(["total", f"{plan.n_nodes} nodes", str(sum(n.n_q_heads for n in nodes)),
-                 str(sum(n.n_kv_heads for n in nodes)), str(sum(n.n_ffn_rows for n in nodes)),
-                 str(sum(n.n_vocab_rows for n in nodes))])
+    rows += [[n.node_id, n.role] + [range_text(getattr(n.spec, unit)) for unit in UNITS]
+             for n in nodes]
+    rows.append(["total", f"{plan.n_nodes} nodes"]
+                + [str(sum(n.spec.count(unit) for n in nodes)) for unit in UNITS])
     return _align(rows, n_left=2) + [SLICE_NOTE]
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dllama_node.cluster.fake import InProcessCluster
-from dllama_node.cluster.planning import local_capacities, make_plan, slice_spec
+from dllama_node.cluster.planning import local_capacities, make_plan
 from dllama_node.engine.forward import Transformer
 from dllama_node.engine.generate import Session
 from dllama_node.engine.load import load_weights
@@ -36,7 +36,7 @@ def test_n_nodes_equal_one_node(model_path, n_nodes, split):
         ref_logits = _single(m)._eval_prompt(PROMPT).copy()
         plan = make_plan(m, local_capacities(n_nodes), max_seq_len=96, split=split)
         assert len(plan.slice_nodes) == n_nodes
-        weights = [load_weights(m, slice_spec(node)) for node in plan.slice_nodes]
+        weights = [load_weights(m, node.spec) for node in plan.slice_nodes]
         for wire in ("f32", "q8_0"):
             cluster = InProcessCluster(weights, 96, batch=8, wire=wire)
             try:

@@ -49,14 +49,15 @@ def assert_tiles(ranges, n):
 def assert_well_formed(plan):
     c = plan.layout.config
     sliced = plan.slice_nodes
-    assert_tiles([s.q_heads for s in sliced], c.n_heads)
-    assert_tiles([s.ffn_rows for s in sliced], c.hidden_dim)
-    assert_tiles([s.vocab_rows for s in sliced], c.vocab_size)
+    assert_tiles([s.spec.q_heads for s in sliced], c.n_heads)
+    assert_tiles([s.spec.ffn_rows for s in sliced], c.hidden_dim)
+    assert_tiles([s.spec.vocab_rows for s in sliced], c.vocab_size)
     for s in sliced:
-        if s.n_q_heads:
-            assert s.kv_heads == (s.q_heads[0] // c.kv_group, (s.q_heads[1] - 1) // c.kv_group + 1)
+        if s.spec.n_q_heads:
+            h0, h1 = s.spec.q_heads
+            assert s.spec.kv_heads == (h0 // c.kv_group, (h1 - 1) // c.kv_group + 1)
         else:
-            assert s.n_kv_heads == 0 and s.memory.kv_cache == 0
+            assert s.spec.n_kv_heads == 0 and s.memory.kv_cache == 0
     for s in plan.nodes:
         m = s.memory
         assert m.total == m.weights + m.kv_cache + m.buffers + m.reserve
@@ -70,7 +71,7 @@ def assert_well_formed(plan):
 def test_tinyllama_on_one_node_matches_hand_arithmetic():
     plan = plan_shards(tiny(), [node("solo", 2 * GiB)])
     (s,) = plan.nodes
-    assert (s.role, s.q_heads, s.kv_heads, s.ffn_rows, s.vocab_rows) == (
+    assert (s.role, s.spec.q_heads, s.spec.kv_heads, s.spec.ffn_rows, s.spec.vocab_rows) == (
         "root", (0, 32), (0, 4), (0, 5632), (0, 32000))
     assert plan.max_seq_len == 2048
     w = s.memory.weights_by_group
@@ -159,12 +160,12 @@ def test_from_tensors_maps_types_checks_shapes_and_sees_tied_output():
 def test_three_nodes_on_four_kv_heads_share_the_kv_heads_they_straddle():
     plan = plan_shards(tiny(), nodes(3))
     assert_well_formed(plan)
-    assert [s.q_heads for s in plan.nodes] == [(0, 11), (11, 22), (22, 32)]
-    assert [s.kv_heads for s in plan.nodes] == [(0, 2), (1, 3), (2, 4)]
+    assert [s.spec.q_heads for s in plan.nodes] == [(0, 11), (11, 22), (22, 32)]
+    assert [s.spec.kv_heads for s in plan.nodes] == [(0, 2), (1, 3), (2, 4)]
     one_kv_head = 2 * 22 * 2048 * 64 * 4
     assert [s.memory.kv_cache for s in plan.nodes] == [2 * one_kv_head] * 3
     assert [s.memory.weights_by_group["attn_k"] for s in plan.nodes] == [2 * 22 * 64 * Q4_ROW_2048] * 3
-    assert [s.n_ffn_rows for s in plan.nodes] == [1888, 1888, 1856]       # 59, 59, 58 blocks
+    assert [s.spec.n_ffn_rows for s in plan.nodes] == [1888, 1888, 1856]       # 59, 59, 58 blocks
 
 
 @pytest.mark.parametrize("n_nodes", [2, 5, 6, 7, 8])
@@ -173,7 +174,7 @@ def test_equal_nodes_get_equal_slices_to_one_unit(n_nodes):
     assert_well_formed(plan)
     assert plan.n_nodes == n_nodes
     for count in ("n_q_heads", "n_ffn_rows", "n_vocab_rows"):
-        sizes = [getattr(s, count) for s in plan.nodes]
+        sizes = [getattr(s.spec, count) for s in plan.nodes]
         unit = 1 if count == "n_q_heads" else 32
         assert max(sizes) - min(sizes) <= unit, (count, sizes)
 
@@ -184,16 +185,17 @@ def test_more_nodes_than_query_heads_leaves_some_without_attention():
     plan = plan_shards(layout, nodes(6, 256 * MiB))
     assert_well_formed(plan)
     assert plan.n_nodes == 6 and not plan.excluded
-    assert [s.n_q_heads for s in plan.nodes] == [1, 1, 1, 1, 0, 0]
+    assert [s.spec.n_q_heads for s in plan.nodes] == [1, 1, 1, 1, 0, 0]
     headless = plan.nodes[4:]
-    assert all(s.n_kv_heads == 0 and s.memory.kv_cache == 0 and s.n_ffn_rows > 0 for s in headless)
+    assert all(s.spec.n_kv_heads == 0 and s.memory.kv_cache == 0 and s.spec.n_ffn_rows > 0
+               for s in headless)
     assert all(s.memory.weights_by_group["attn_q"] == 0 for s in headless)
 
 
 def test_eight_nodes_on_four_kv_heads():
     plan = plan_shards(tiny(), nodes(8))
     assert_well_formed(plan)
-    assert [s.kv_heads for s in plan.nodes] == [(k, k + 1) for k in range(4) for _ in range(2)]
+    assert [s.spec.kv_heads for s in plan.nodes] == [(k, k + 1) for k in range(4) for _ in range(2)]
 
 
 def test_a_node_ten_times_faster_gets_ten_times_the_rows():
@@ -202,9 +204,9 @@ def test_a_node_ten_times_faster_gets_ten_times_the_rows():
     plan = plan_shards(tiny(), caps)
     assert_well_formed(plan)
     fast, slow = plan.node("fast"), plan.node("n0")
-    assert fast.n_q_heads == 25                                 # 32 * 10/13 = 24.6
-    assert fast.n_ffn_rows == 135 * 32                          # 176 blocks * 10/13 = 135.4
-    assert abs(fast.n_vocab_rows / slow.n_vocab_rows - 10) < 0.1
+    assert fast.spec.n_q_heads == 25                                 # 32 * 10/13 = 24.6
+    assert fast.spec.n_ffn_rows == 135 * 32                          # 176 blocks * 10/13 = 135.4
+    assert abs(fast.spec.n_vocab_rows / slow.spec.n_vocab_rows - 10) < 0.1
 
 
 def test_when_kv_heads_are_dear_attention_is_cut_at_whole_kv_groups():
@@ -215,8 +217,8 @@ def test_when_kv_heads_are_dear_attention_is_cut_at_whole_kv_groups():
     caps = [node(f"n{i}", ram * GiB, speed=s) for i, (ram, s) in enumerate(zip(rams, [3, 1, 2, 3, 1, 2]))]
     plan = plan_shards(ModelLayout.uniform(LLAMA32_1B), caps, PlanOptions(max_seq_len=131072))
     assert_well_formed(plan)
-    assert all(s.q_heads[0] % 4 == 0 and s.n_q_heads % 4 == 0 for s in plan.nodes)
-    assert sum(s.n_kv_heads for s in plan.nodes) == 8
+    assert all(s.spec.q_heads[0] % 4 == 0 and s.spec.n_q_heads % 4 == 0 for s in plan.nodes)
+    assert sum(s.spec.n_kv_heads for s in plan.nodes) == 8
     assert sum(s.memory.kv_cache for s in plan.nodes) == 8 * GiB
 
 
@@ -235,18 +237,18 @@ def test_head_dim_80_cuts_a_quantized_attn_output_at_whole_blocks():
     q4 = plan_shards(ModelLayout.uniform(config, Q4_0), nodes(3))
     assert_well_formed(q4)
     assert q4.layout.heads_per_unit == 2                        # 2 * 80 = 160 = 5 blocks of 32
-    assert [s.n_q_heads for s in q4.nodes] == [12, 10, 10]      # 16 units: 6, 5, 5
+    assert [s.spec.n_q_heads for s in q4.nodes] == [12, 10, 10]      # 16 units: 6, 5, 5
     f32 = plan_shards(ModelLayout.uniform(config, F32), nodes(3, 2 * GiB))
-    assert [s.n_q_heads for s in f32.nodes] == [11, 11, 10]
+    assert [s.spec.n_q_heads for s in f32.nodes] == [11, 11, 10]
 
 
 def test_vocab_32001_leaves_a_short_last_block():
     plan = plan_shards(tiny(vocab_size=32001), nodes(3))
     assert_well_formed(plan)
     *first, last = plan.nodes
-    assert all(s.n_vocab_rows % 32 == 0 for s in first)
-    assert last.vocab_rows[1] == 32001 and last.n_vocab_rows % 32 == 1
-    assert last.memory.weights_by_group["output"] == last.n_vocab_rows * Q4_ROW_2048
+    assert all(s.spec.n_vocab_rows % 32 == 0 for s in first)
+    assert last.spec.vocab_rows[1] == 32001 and last.spec.n_vocab_rows % 32 == 1
+    assert last.memory.weights_by_group["output"] == last.spec.n_vocab_rows * Q4_ROW_2048
 
 
 def test_tied_classifier_uses_the_embedding_type():
@@ -255,8 +257,8 @@ def test_tied_classifier_uses_the_embedding_type():
     plan = plan_shards(layout, nodes(2, 2 * GiB), PlanOptions(max_seq_len=4096))
     assert_well_formed(plan)
     for s in plan.nodes:
-        assert s.memory.weights_by_group["output"] == s.n_vocab_rows * (2048 // 32 * 34)
-    assert sum(s.n_vocab_rows for s in plan.nodes) == 128256
+        assert s.memory.weights_by_group["output"] == s.spec.n_vocab_rows * (2048 // 32 * 34)
+    assert sum(s.spec.n_vocab_rows for s in plan.nodes) == 128256
 
 
 def test_a_node_too_small_for_one_unit_is_excluded_with_its_numbers():
@@ -275,8 +277,8 @@ def test_a_small_node_takes_what_fits_and_the_rest_goes_to_the_others():
     plan = plan_shards(tiny(), caps)
     assert_well_formed(plan)
     b = plan.node("b")
-    assert 0 < b.memory.headroom < 8 * MiB and b.n_q_heads < 10       # full, but not a third
-    assert plan.node("a").n_ffn_rows > 2 * b.n_ffn_rows
+    assert 0 < b.memory.headroom < 8 * MiB and b.spec.n_q_heads < 10       # full, but not a third
+    assert plan.node("a").spec.n_ffn_rows > 2 * b.spec.n_ffn_rows
 
 
 def test_a_root_too_small_for_a_slice_only_coordinates():
@@ -301,7 +303,7 @@ def test_a_coordinator_only_root_holds_no_slice_and_other_coordinators_are_exclu
 
 def test_split_overrides_speed_and_zero_excludes():
     plan = plan_shards(tiny(), nodes(3, speed=5.0), PlanOptions(split=(1.0, 3.0, 0.0)))
-    assert [s.n_q_heads for s in plan.nodes] == [8, 24]
+    assert [s.spec.n_q_heads for s in plan.nodes] == [8, 24]
     assert plan.excluded[0].node_id == "n2" and "split weight is 0" in plan.excluded[0].reason
     with pytest.raises(UsageError, match="split has 2 weights, there are 3 nodes"):
         plan_shards(tiny(), nodes(3), PlanOptions(split=(1.0, 1.0)))
@@ -342,20 +344,20 @@ def test_default_max_seq_len_keeps_slices_balanced_when_that_leaves_2048_tokens(
     caps = [node("small", 1 * GiB), node("big", 16 * GiB)]
     plan = plan_shards(layout, caps)
     assert 2048 <= plan.max_seq_len < 131072
-    assert plan.nodes[0].n_ffn_rows == plan.nodes[1].n_ffn_rows            # in proportion to speed
+    assert plan.nodes[0].spec.n_ffn_rows == plan.nodes[1].spec.n_ffn_rows            # in proportion to speed
     # the model card's context fits too, if the big node does most of the work: asked for, it is
     long = plan_shards(layout, caps, PlanOptions(max_seq_len=131072))
     assert_well_formed(long)
-    assert long.node("small").n_ffn_rows < long.node("big").n_ffn_rows
+    assert long.node("small").spec.n_ffn_rows < long.node("big").spec.n_ffn_rows
 
 
 def test_default_max_seq_len_water_fills_when_balance_would_leave_under_2048_tokens():
     caps = [node("a", 520 * MiB, speed=3.0), node("b", 8 * GiB)]
     plan = plan_shards(tiny(), caps)                    # balanced slices fit only 1536 tokens
     assert plan.max_seq_len == 2048
-    assert plan.node("a").n_ffn_rows < 132 * 32 and plan.node("a").memory.headroom < MiB
+    assert plan.node("a").spec.n_ffn_rows < 132 * 32 and plan.node("a").memory.headroom < MiB
     roomy = plan_shards(tiny(), [node("a", 560 * MiB, speed=3.0), node("b", 8 * GiB)])
-    assert roomy.max_seq_len == 2048 and roomy.node("a").n_ffn_rows == 132 * 32     # 176 * 3/4
+    assert roomy.max_seq_len == 2048 and roomy.node("a").spec.n_ffn_rows == 132 * 32     # 176 * 3/4
 
 
 def test_default_max_seq_len_is_the_model_cards_when_it_fits():

@@ -128,7 +128,7 @@ def test_plans_tile_fit_and_add_up(problem):
         assert m.swap_used == max(0, m.total - m.available)
         assert m.lock == (m.lockable and m.swap_used == 0)
         assert m.lockable == (cap.memlock_limit_bytes < 0 or m.total <= cap.memlock_limit_bytes)
-        again = memory_need(layout, SliceCounts(s.n_q_heads, s.n_kv_heads, s.n_ffn_rows, s.n_vocab_rows),
+        again = memory_need(layout, SliceCounts.of(s.spec),
                             seq_len=seq, role=s.role, n_slice_nodes=n_slice,
                             kv_bytes_per_value=opts.kv_bytes_per_value, reserve_bytes=opts.reserve_bytes,
                             batch_size=opts.batch_size, n_exchange_nodes=len(plan.nodes))
@@ -189,7 +189,8 @@ def test_with_ample_memory_slices_are_monotone_in_speed(data):
     assert plan.max_seq_len == layout.config.seq_len
     assert all("rounds to no unit" in e.reason for e in plan.excluded)
     unit = layout.heads_per_unit
-    blocks = {s.node_id: (s.n_q_heads // unit, -(-s.n_ffn_rows // 32), -(-s.n_vocab_rows // 32))
+    blocks = {s.node_id: (s.spec.n_q_heads // unit, -(-s.spec.n_ffn_rows // 32),
+                          -(-s.spec.n_vocab_rows // 32))
               for s in plan.nodes}
     speed = {cap.node_id: cap.speed for cap in caps}
     for a in plan.nodes:
