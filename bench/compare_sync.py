@@ -1,5 +1,6 @@
 """The cluster's all-reduce topologies side by side, in one run: star (through the root)
-against mesh (every node to every node).
+against mesh (every node to every node). The mesh is the product's only all-reduce; the
+star stays as this benchmark's baseline (LocalCluster(sync="star")), chosen nowhere else.
 
     .venv/bin/python bench/compare_sync.py [--model PATH] [--nodes 2] [--threads 1]
         [--prompt-tokens 128] [--gen-tokens 128] [--wire q8_0] [--rounds 2]

@@ -4,9 +4,9 @@ The root is robust (piwheels' rule): when a worker fails mid-generation it repor
 node, the position, the layer and the cause to the client, drops the node, re-plans over
 the nodes that are left, and serves the next request.
 
-The all-reduces run over a mesh (sync="mesh", the default: every node sends its part to
-every other node) or the older star through the root (sync="star"); the environment
-variable DLLAMA_SYNC sets the default, so that benchmarks can compare the two.
+The all-reduces run over a mesh: every node sends its part to every other node. The older
+star through the root (sync="star") is kept only as the baseline of bench/compare_sync.py;
+no command, option or environment variable of the product chooses it.
 """
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ class ClusterRoot:
         self.threads, self.batch, self.timeout_s = threads, batch, timeout_s
         self.max_seq_len, self.split = max_seq_len, split
         self.wire = check_wire(wire, self.model.config.dim)
-        self.sync_mode = check_sync(sync or os.environ.get("DLLAMA_SYNC") or "mesh")
+        self.sync_mode = check_sync(sync or "mesh")     # "star": bench/compare_sync.py only
         self.spin_us = int(os.environ.get("DLLAMA_SYNC_SPIN_US", DEFAULT_SPIN_US)
                            if spin_us is None else spin_us)
         self.tokenizer = None

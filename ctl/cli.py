@@ -124,10 +124,6 @@ def cluster_options(f):
         click.option("--stream-weights", is_flag=True,
                      help="Workers get their slices from the root (hash-checked, cached on "
                           "disk) instead of reading their own copy of the model file."),
-        click.option("--sync", type=click.Choice(["mesh", "star"]), default=None,
-                     help="How the nodes sum their parts: mesh (every node sends its part "
-                          "to every other; the default) or star (through the root). "
-                          "Default: $DLLAMA_SYNC, else mesh."),
     ]
     return _options(*options)(f)
 
@@ -217,7 +213,7 @@ def _prompt(prompt: Optional[str], words: tuple) -> str:
               help="Print one JSON object: prompt_tokens, tokens, text, timings.")
 @wait_option(600.0)
 def generate(model_path, tokenizer_path, threads, max_seq_len, temperature, top_k, top_p,
-             repetition_penalty, seed, nodes, split, wire, stream_weights, sync, socket_path, words,
+             repetition_penalty, seed, nodes, split, wire, stream_weights, socket_path, words,
              prompt, max_tokens, stop, chat_format, as_json, wait_s):
     """Generate text from a prompt, streaming it to standard output.
 
@@ -232,8 +228,7 @@ def generate(model_path, tokenizer_path, threads, max_seq_len, temperature, top_
     if model_path is None:
         from dllama_node.ctl import remote_commands
         _no_local_options(tokenizer=tokenizer_path, threads=threads, max_seq_len=max_seq_len,
-                          nodes=nodes, split=split, wire=wire, stream_weights=stream_weights,
-                          sync=sync)
+                          nodes=nodes, split=split, wire=wire, stream_weights=stream_weights)
         params = remote_commands.generation_params(temperature, top_k, top_p,
                                                    repetition_penalty, seed, max_tokens, stop)
         remote_commands.generate(_client(socket_path, _runs_here("generate")), prompt,
@@ -244,8 +239,7 @@ def generate(model_path, tokenizer_path, threads, max_seq_len, temperature, top_
         max_seq_len=max_seq_len,
         sampler=local_commands.sampler_settings(temperature, top_k, top_p, repetition_penalty, seed),
         prompt=prompt, max_tokens=max_tokens, stop=stop, chat_format=chat_format,
-        as_json=as_json, nodes=nodes, split=split, wire=wire, stream_weights=stream_weights,
-        sync=sync)
+        as_json=as_json, nodes=nodes, split=split, wire=wire, stream_weights=stream_weights)
 
 
 @cli.command()
@@ -258,7 +252,7 @@ def generate(model_path, tokenizer_path, threads, max_seq_len, temperature, top_
               help="Most tokens per answer.")
 @wait_option(600.0)
 def chat(model_path, tokenizer_path, threads, max_seq_len, temperature, top_k, top_p,
-         repetition_penalty, seed, nodes, split, wire, stream_weights, sync, socket_path, system,
+         repetition_penalty, seed, nodes, split, wire, stream_weights, socket_path, system,
          max_tokens, wait_s):
     """Talk with the model. Type a message and press Enter.
 
@@ -280,8 +274,7 @@ def chat(model_path, tokenizer_path, threads, max_seq_len, temperature, top_k, t
     if model_path is None:
         from dllama_node.ctl import remote_commands
         _no_local_options(tokenizer=tokenizer_path, threads=threads, max_seq_len=max_seq_len,
-                          nodes=nodes, split=split, wire=wire, stream_weights=stream_weights,
-                          sync=sync)
+                          nodes=nodes, split=split, wire=wire, stream_weights=stream_weights)
         params = remote_commands.generation_params(temperature, top_k, top_p,
                                                    repetition_penalty, seed, max_tokens)
         remote_commands.chat(_client(socket_path, _runs_here("chat")), params, system, wait_s)
@@ -291,7 +284,7 @@ def chat(model_path, tokenizer_path, threads, max_seq_len, temperature, top_k, t
         max_seq_len=max_seq_len,
         sampler=local_commands.sampler_settings(temperature, top_k, top_p, repetition_penalty, seed),
         system=system, max_tokens=max_tokens, nodes=nodes, split=split, wire=wire,
-        stream_weights=stream_weights, sync=sync)
+        stream_weights=stream_weights)
 
 
 @cli.command()
@@ -301,7 +294,7 @@ def chat(model_path, tokenizer_path, threads, max_seq_len, temperature, top_k, t
 @click.option("--gen-tokens", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 def bench(model_path, tokenizer_path, threads, max_seq_len, nodes, split, wire, stream_weights,
-          sync, prompt_tokens, gen_tokens, as_json):
+          prompt_tokens, gen_tokens, as_json):
     """Measure prompt evaluation and decode speed, and peak memory.
 
     Evaluates PROMPT_TOKENS fixed token ids as one prompt, then generates GEN_TOKENS
@@ -312,7 +305,7 @@ def bench(model_path, tokenizer_path, threads, max_seq_len, nodes, split, wire, 
     local_commands.bench(model_path=model_path, tokenizer_path=tokenizer_path, threads=threads,
                          max_seq_len=max_seq_len, prompt_tokens=prompt_tokens,
                          gen_tokens=gen_tokens, as_json=as_json, nodes=nodes, split=split,
-                         wire=wire, stream_weights=stream_weights, sync=sync)
+                         wire=wire, stream_weights=stream_weights)
 
 
 @cli.command()

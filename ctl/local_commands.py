@@ -21,22 +21,20 @@ def sampler_settings(temperature, top_k, top_p, repetition_penalty, seed) -> Sam
 
 
 def _open(model_path, tokenizer_path, threads, max_seq_len, quiet=False, nodes=1, split=None,
-          wire="q8_0", load_tokenizer=True, stream_weights=False, sync=None):
+          wire="q8_0", load_tokenizer=True, stream_weights=False):
     from dllama_node.cluster.planning import parse_split
     from dllama_node.ctl.runner import open_runner
 
     if nodes < 1:
         raise UsageError(f"--nodes {nodes}: expected 1 or more")
     return open_runner(model_path, tokenizer_path, threads, max_seq_len, nodes,
-                       parse_split(split, nodes), wire, quiet, load_tokenizer, stream_weights,
-                       sync)
+                       parse_split(split, nodes), wire, quiet, load_tokenizer, stream_weights)
 
 
 def generate(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerSettings,
              prompt: str, max_tokens: int, stop: Sequence[str], chat_format: bool,
              as_json: bool, nodes: int = 1, split: Optional[str] = None,
-             wire: str = "q8_0", stream_weights: bool = False,
-             sync: Optional[str] = None) -> None:
+             wire: str = "q8_0", stream_weights: bool = False) -> None:
     from dllama_node.engine.generate_text import generate_text, outcome_of, sampled
     from dllama_node.tokenizer.conversation_fit import (LIMIT_CONTEXT, AnswerBudget,
                                                         stopped_note)
@@ -45,7 +43,7 @@ def generate(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerS
         raise UsageError(f"max-tokens {max_tokens}: expected 0 or more")
     sampler_ = Sampler(sampler)  # validates before the model loads
     with _open(model_path, tokenizer_path, threads, max_seq_len, as_json, nodes, split,
-               wire, stream_weights=stream_weights, sync=sync) as node:
+               wire, stream_weights=stream_weights) as node:
         tok = node.tokenizer
         if chat_format:
             ids = tok.encode_chat([{"role": "user", "content": prompt}])
@@ -82,7 +80,7 @@ def generate(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerS
 
 def chat(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerSettings,
          system: Optional[str], max_tokens: int, nodes: int = 1, split: Optional[str] = None,
-         wire: str = "q8_0", stream_weights: bool = False, sync: Optional[str] = None) -> None:
+         wire: str = "q8_0", stream_weights: bool = False) -> None:
     """The same chat as through the service (ctl/chat_repl.py: multi-line input, /reset,
     /system, /help, Ctrl-C, history), answered by the model on this machine: one process,
     or --nodes N processes over loopback."""
@@ -94,7 +92,7 @@ def chat(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerSetti
     if max_tokens < 0:
         raise UsageError(f"max-tokens {max_tokens}: expected 0 or more")
     with _open(model_path, tokenizer_path, threads, max_seq_len, False, nodes, split, wire,
-               stream_weights=stream_weights, sync=sync) as node:
+               stream_weights=stream_weights) as node:
         tok = node.tokenizer
 
         def send(messages):
@@ -116,13 +114,13 @@ def chat(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerSetti
 
 def bench(model_path, tokenizer_path, threads, max_seq_len, prompt_tokens: int, gen_tokens: int,
           as_json: bool, nodes: int = 1, split: Optional[str] = None, wire: str = "q8_0",
-          stream_weights: bool = False, sync: Optional[str] = None) -> None:
+          stream_weights: bool = False) -> None:
     from dllama_node import kernels
 
     t0 = time.perf_counter()
     need = prompt_tokens + gen_tokens + 1
     with _open(model_path, tokenizer_path, threads, max_seq_len or need, as_json, nodes, split,
-               wire, load_tokenizer=False, stream_weights=stream_weights, sync=sync) as node:
+               wire, load_tokenizer=False, stream_weights=stream_weights) as node:
         load_s = time.perf_counter() - t0
         vocab = node.session.transformer.cfg.vocab_size
         rng = np.random.default_rng(0)

@@ -90,7 +90,7 @@ def node_progress(enabled: bool):
 def open_runner(model_path: str, tokenizer_path: Optional[str], threads: Optional[int],
                 max_seq_len: Optional[int], nodes: int = 1, split: Optional[Sequence[float]] = None,
                 wire: str = "q8_0", quiet: bool = False, load_tokenizer: bool = True,
-                stream_weights: bool = False, sync: Optional[str] = None) -> Iterator:
+                stream_weights: bool = False) -> Iterator:
     from dllama_node.ctl.progress import byte_progress
 
     if nodes <= 1:
@@ -112,7 +112,7 @@ def open_runner(model_path: str, tokenizer_path: Optional[str], threads: Optiona
 
     with LocalCluster(model_path, nodes, threads or 1, wire, max_seq_len, split,
                       tokenizer_path=tokenizer_path, load_tokenizer=load_tokenizer,
-                      stream_weights=stream_weights, sync=sync) as root:
+                      stream_weights=stream_weights) as root:
         if not quiet:
             click.echo(f"starting {nodes} nodes on this machine (loopback), "
                        f"{threads or 1} thread(s) each, {wire} on the wire, "
