@@ -49,6 +49,9 @@ def run(cmd: Sequence[str], *, timeout: float = 600, check: bool = True, env=Non
         cwd=None) -> subprocess.CompletedProcess:
     """Run with a clean PATH; raise with the command's output tail when it fails."""
     full_env = {"PATH": CLEAN_PATH, "LC_ALL": "C.UTF-8", "HOME": os.environ.get("HOME", "/root")}
+    # the cache folder and the mirror reach scripts/build-deb too: one cache for one run
+    full_env.update({k: v for k, v in os.environ.items()
+                     if k in ("DLLAMA_TEST_CACHE", "DLLAMA_DEBIAN_MIRROR")})
     full_env.update(env or {})
     r = subprocess.run(list(cmd), env=full_env, cwd=cwd, capture_output=True, text=True,
                        timeout=timeout)
