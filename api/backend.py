@@ -79,7 +79,7 @@ RunnerSource = Union[object, Callable[[], Optional[object]]]
 
 
 class EngineBackend(Backend):
-    """A Backend over ctl/runner.py's runners: SingleRunner (engine.node.LocalNode) or
+    """A Backend over cluster/runners.py's runners: SingleRunner (engine.node.LocalNode) or
     ClusterRunner (cluster.root.ClusterRoot).
 
     runner: the runner, or a callable returning the current one (None while there is

@@ -1,8 +1,7 @@
-"""One interface for the commands over a single node or a local cluster.
+"""How dllama-ctl runs a model in its own process: one node, or a local cluster of N.
 
-`open_runner(...)` gives an object with .session (generation), .tokenizer, .seq_len,
-.reason (why that context), .threads, .weights_bytes, .kv_cache_bytes, and for a
-cluster the plan, per-node reports and sync statistics.
+`open_runner(...)` loads it with progress bars and the plan on stderr, and yields one of
+cluster/runners.py's runners (SingleRunner or ClusterRunner).
 """
 from __future__ import annotations
 
@@ -11,52 +10,8 @@ from typing import Iterator, Optional, Sequence
 
 import click
 
+from dllama_node.cluster.runners import ClusterRunner, SingleRunner
 from dllama_node.common.units import format_mib
-
-
-class SingleRunner:
-    def __init__(self, node):
-        self.node = node
-        self.session = node.session
-        self.tokenizer = node.tokenizer
-        self.seq_len = node.context.seq_len
-        self.reason = node.context.reason
-        self.threads = node.transformer.n_threads
-        self.weights_bytes = node.weights.nbytes()
-        self.kv_cache_bytes = node.transformer.cache.nbytes
-        self.plan = None
-        self.reports = []
-        self.sync_stats = None
-
-    def generate(self, *args, **kw):
-        return self.session.generate(*args, **kw)
-
-
-class ClusterRunner:
-    def __init__(self, root):
-        self.root = root
-        self.tokenizer = root.tokenizer
-        self.plan = root.plan
-        self.seq_len = root.plan.max_seq_len
-        self.reason = root.plan.seq_len_reason
-        self.threads = root.threads
-        self.reports = root.reports
-        self.weights_bytes = sum(r.weights_bytes for r in root.reports)
-        self.kv_cache_bytes = sum(r.kv_cache_bytes for r in root.reports)
-
-    @property
-    def session(self):
-        return self.root.session
-
-    @property
-    def sync_stats(self):
-        return self.root.sync.stats
-
-    def node_stats(self, reset: bool = False) -> dict:
-        return self.root.node_stats(reset)
-
-    def generate(self, *args, **kw):
-        return self.root.generate(*args, **kw)
 
 
 def measured_table(reports) -> str:

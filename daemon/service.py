@@ -232,7 +232,7 @@ class NodeService:
             return None
         from dllama_node.api.backend import EngineBackend, model_id_from_path
         from dllama_node.api.server import ApiConfig, ApiServer
-        from dllama_node.ctl.runner import ClusterRunner
+        from dllama_node.cluster.runners import ClusterRunner
 
         def runner():
             root = self.root

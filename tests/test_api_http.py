@@ -17,7 +17,7 @@ import pytest
 from dllama_node.api.backend import EngineBackend
 from dllama_node.api.server import ApiConfig, ApiServer, needs_auth, serve_in_thread
 from dllama_node.common.errors import UsageError
-from dllama_node.ctl.runner import SingleRunner
+from dllama_node.cluster.runners import SingleRunner
 from dllama_node.engine.node import LocalNode
 from dllama_node.model.generate import PRESETS, write_random_model
 

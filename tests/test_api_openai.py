@@ -11,7 +11,7 @@ openai = pytest.importorskip("openai")
 from dllama_node.api.backend import EngineBackend  # noqa: E402
 from dllama_node.api.server import ApiConfig, serve_in_thread  # noqa: E402
 from dllama_node.ctl.cli import cli  # noqa: E402
-from dllama_node.ctl.runner import SingleRunner  # noqa: E402
+from dllama_node.cluster.runners import SingleRunner  # noqa: E402
 from dllama_node.engine.node import LocalNode  # noqa: E402
 from dllama_node.model.generate import PRESETS, write_random_model  # noqa: E402
 

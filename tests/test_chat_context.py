@@ -76,7 +76,7 @@ openai = pytest.importorskip("openai")
 def client():
     from dllama_node.api.backend import EngineBackend
     from dllama_node.api.server import ApiConfig, serve_in_thread
-    from dllama_node.ctl.runner import SingleRunner
+    from dllama_node.cluster.runners import SingleRunner
     from dllama_node.engine.node import LocalNode
 
     node = LocalNode.open(DEMO, threads=1)
