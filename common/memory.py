@@ -71,32 +71,34 @@ def parse_limit(text: str) -> Optional[int]:
     return None if value >= _V1_UNLIMITED else value
 
 
-def _read(path: str) -> Optional[str]:
+def read_text(path: str) -> str:
+    """The text of a /proc or /sys file; "" when it is absent or unreadable (a kernel
+    without that feature, a container that hides it): the parsers treat both as unknown."""
     try:
         with open(path) as f:
             return f.read()
     except OSError:
-        return None
+        return ""
 
 
 def cgroup_memory(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup"):
     """(limit_bytes, usage_bytes) of this process's memory cgroup, (None, None) if unlimited."""
-    paths = parse_cgroup_paths(_read(proc_cgroup) or "")
+    paths = parse_cgroup_paths(read_text(proc_cgroup))
     if "memory" in paths:  # v1
         base = os.path.join(root, "memory", paths["memory"].lstrip("/"))
-        limit = parse_limit(_read(os.path.join(base, "memory.limit_in_bytes")) or "")
-        usage = _read(os.path.join(base, "memory.usage_in_bytes"))
+        limit = parse_limit(read_text(os.path.join(base, "memory.limit_in_bytes")))
+        usage = read_text(os.path.join(base, "memory.usage_in_bytes"))
         return limit, (int(usage) if usage and limit is not None else None)
     if "" in paths:  # v2
         base = os.path.join(root, paths[""].lstrip("/"))
-        limit = parse_limit(_read(os.path.join(base, "memory.max")) or "")
-        usage = _read(os.path.join(base, "memory.current"))
+        limit = parse_limit(read_text(os.path.join(base, "memory.max")))
+        usage = read_text(os.path.join(base, "memory.current"))
         return limit, (int(usage) if usage and limit is not None else None)
     return None, None
 
 
 def read_memory() -> MemoryReading:
-    info = parse_meminfo(_read("/proc/meminfo") or "")
+    info = parse_meminfo(read_text("/proc/meminfo"))
     limit, usage = cgroup_memory()
     return MemoryReading(
         mem_total_bytes=info.get("MemTotal", 0),
@@ -113,5 +115,5 @@ def peak_rss_bytes() -> int:
 
 
 def current_rss_bytes() -> int:
-    status = parse_meminfo(_read("/proc/self/status") or "")
+    status = parse_meminfo(read_text("/proc/self/status"))
     return status.get("VmRSS", 0)

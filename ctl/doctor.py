@@ -180,7 +180,7 @@ def journal_entries(opts: DoctorOptions) -> Tuple[List[dict], str, str]:
 def parse_kmsg_text(text: str):
     """Records of captured /dev/kmsg text: 'PRI,SEQ,USEC,FLAGS;message' lines (continuation
     lines, which start with a space, are skipped)."""
-    from dllama_node.daemon.oom import parse_kmsg_record
+    from dllama_node.daemon.kernel_log import parse_kmsg_record
     out = []
     for line in text.splitlines():
         if line and not line[0].isspace():
@@ -192,8 +192,8 @@ def parse_kmsg_text(text: str):
 
 def kernel_kills(opts: DoctorOptions) -> Tuple[list, str, str]:
     """(OOM kills, source read, why unavailable) from the kernel log."""
-    from dllama_node.daemon.oom import (KernelLogUnavailable, boot_wall_time, parse_oom_kills,
-                                        read_kmsg)
+    from dllama_node.daemon.kernel_log import (KernelLogUnavailable, boot_wall_time,
+                                               parse_oom_kills, read_kmsg)
     if opts.kmsg_file:
         with open(opts.kmsg_file, encoding="utf-8", errors="replace") as f:
             return parse_oom_kills(parse_kmsg_text(f.read()), boot_wall_time()), opts.kmsg_file, ""

@@ -8,7 +8,7 @@ numbers, and the fix when it is not OK. A FAIL carries the exit code of its kind
 The OOM history merges two sources: the service's own journal events (oom_diagnosis,
 previous_exit, peer_vanished, memory_pressure, plan_rejected, memlock_refused,
 plan_table; daemon/journal.py EVENTS) and the kernel's OOM-kill records
-(daemon/oom.py's parser). A kill counts as current (FAIL) when no plan has been made
+(daemon/kernel_log.py's parser). A kill counts as current (FAIL) when no plan has been made
 since it; older ones are a WARN.
 """
 from __future__ import annotations
@@ -293,7 +293,7 @@ def events_from_journal(entries: Iterable[dict]) -> List[MemoryEvent]:
 
 
 def is_service_kill(kill, known_pids: Iterable[int]) -> bool:
-    """An OOM kill (daemon/oom.OomKill) of the service: its pid, command or cgroup."""
+    """An OOM kill (daemon/kernel_log.OomKill) of the service: its pid, command or cgroup."""
     cgroups = f"{kill.memcg or ''} {kill.task_memcg or ''}"
     return (kill.pid in set(known_pids) or kill.comm.startswith("dllama")
             or UNIT in cgroups)

@@ -140,7 +140,7 @@ class JournalHandler(logging.Handler):
 
 
 class StderrFormatter(logging.Formatter):
-    """'2024-05-01 12:03:04 WARNING node b2 dllama_node.daemon.oom: text [EVENT=... PHASE=...]'."""
+    """'2024-05-01 12:03:04 WARNING node b2 dllama_node.daemon.memory_watch: text [EVENT=...]'."""
 
     def __init__(self, node_id: str, timestamps: bool = True):
         fmt = "%(levelname)s node " + node_id.replace("%", "%%") + " %(name)s: %(message)s"

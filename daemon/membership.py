@@ -4,8 +4,8 @@ A pure bookkeeping step per tick (update), so the journal says once per event:
 - a node that vanished: which node, in which phase (its advertised state), its last
   reported memory and, when it had a slice, what that slice needed;
 - a node that came back (a new instance) after a bad exit: its own report of how its
-  previous run ended (NodeAdvert.last_exit, filled from daemon/oom.py's diagnosis of the
-  previous run at start), e.g. that it was OOM-killed and how much it needed.
+  previous run ended (NodeAdvert.last_exit, filled at start from daemon/oom_diagnosis.py's
+  diagnosis of the previous run), e.g. that it was OOM-killed and how much it needed.
 """
 from __future__ import annotations
 

@@ -136,7 +136,7 @@ class ControlOps:
                 "nodes": [r.to_dict() for r in rows.values()]}
 
     async def report(self, request: dict, emit) -> dict:
-        """How this node's previous run ended (daemon/oom.py's diagnosis), when badly."""
+        """How this node's previous run ended (daemon/oom_diagnosis.py), when badly."""
         d = getattr(self.s, "diagnosis", None)
         if d is None:
             return {"node_id": self.s.config.node_id, "kind": None}

@@ -30,7 +30,7 @@ from dllama_node.daemon.forward import ForwardServer, forward
 from dllama_node.daemon.load_progress import LoadProgress
 from dllama_node.daemon.membership import Membership, last_exit_text
 from dllama_node.daemon.ops import ControlOps
-from dllama_node.daemon.oom import start_run
+from dllama_node.daemon.run_record import start_run
 from dllama_node.daemon.resources import lock_memory, raise_priority
 from dllama_node.discovery.service import Discovery, DiscoveryConfig
 from dllama_node.discovery.txt import LAST_EXIT_MAX_BYTES, NodeAdvert

@@ -4,7 +4,7 @@ The KV cache grows with max_seq_len on every node, so the model card's context (
 Llama 3.2) is reserved only when it fits. Every place that picks or suggests a length asks
 this module -- the shard plan (plan/shard_plan.py), the default of a single node, which is a
 one-node plan (engine/context.py), the plan's advice (plan/advice.py) and the shorter
-length suggested after an OOM kill (daemon/oom.py):
+length suggested after an OOM kill (daemon/oom_diagnosis.py):
 
     lengths = default_lengths(model_seq_len, cap)      # the lengths a default may take
     seq_len, result = longest_fitting(lengths, attempt, fits)

@@ -2,7 +2,7 @@
 doctor tests: `python tests/ctl_journal_events.py STATE_DIR KMSG_FILE NODE`.
 
 A plan is made (plan_table), memory runs low while loading (memory_pressure), the node
-dies; at its next start daemon/oom.py's start_run judges the previous run against the
+dies; at its next start daemon/run_record.py's start_run judges the previous run against the
 kernel's OOM records in KMSG_FILE (captured from a real cgroup OOM kill of pid 10282) and
 logs oom_diagnosis. Run under a journald (TESTING.md "systemd").
 """
@@ -16,7 +16,8 @@ import time
 from dllama_node.common.units import MiB
 from dllama_node.ctl.doctor import parse_kmsg_text
 from dllama_node.daemon.journal import log_event, setup_logging
-from dllama_node.daemon.oom import RunRecord, boot_id, boot_wall_time, parse_oom_kills, start_run
+from dllama_node.daemon.kernel_log import boot_wall_time, parse_oom_kills
+from dllama_node.daemon.run_record import RunRecord, boot_id, start_run
 
 KILLED_PID = 10282                  # the pid in tests/ctl_data/kmsg_cgroup_oom.txt
 

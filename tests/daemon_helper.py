@@ -78,7 +78,8 @@ def oom(state_dir: str, alloc_bytes: int, warn_below_bytes: int) -> None:
     import time
 
     from dllama_node.daemon.journal import setup_logging
-    from dllama_node.daemon.oom import MemoryWatch, WatchThresholds, sample_memory, start_run
+    from dllama_node.daemon.memory_watch import MemoryWatch, WatchThresholds, sample_memory
+    from dllama_node.daemon.run_record import start_run
 
     setup_logging("b2", logging.INFO)
     record, _ = start_run(state_dir, "b2")
@@ -100,7 +101,7 @@ def oom(state_dir: str, alloc_bytes: int, warn_below_bytes: int) -> None:
 
 def previous(state_dir: str) -> None:
     from dllama_node.daemon.journal import setup_logging
-    from dllama_node.daemon.oom import start_run
+    from dllama_node.daemon.run_record import start_run
 
     setup_logging("b2", logging.INFO)
     record, diagnosis = start_run(state_dir, "b2")

@@ -21,7 +21,7 @@ from dllama_node.ctl.doctor import parse_kmsg_text
 from dllama_node.ctl.logs import format_entry, journalctl_args
 from dllama_node.daemon import doctor_checks as dc
 from dllama_node.daemon.journal import EVENTS
-from dllama_node.daemon.oom import parse_oom_kills
+from dllama_node.daemon.kernel_log import parse_oom_kills
 from tests.ctl_fake_daemon import FakeDaemon
 
 DATA = os.path.join(os.path.dirname(__file__), "ctl_data")

@@ -1,4 +1,6 @@
-"""daemon.oom: kernel records, PSI, the memory watch, diagnoses -- and a real OOM kill.
+"""Out of memory in the daemon: kernel records (daemon/kernel_log.py), PSI and the memory watch
+(memory_watch.py), diagnoses (oom_diagnosis.py), the run record (run_record.py) -- and a real
+OOM kill.
 
 The real kill runs a child in a memory cgroup limited to 64 MiB that allocates 256 MiB while
 its MemoryWatch looks on: the watch warns first, the kernel kills it, /dev/kmsg has the
@@ -18,11 +20,13 @@ import uuid
 import pytest
 
 from dllama_node.common.units import GiB, MiB
-from dllama_node.daemon import oom
-from dllama_node.daemon.oom import (KernelLogUnavailable, MemoryFacts, MemorySample, MemoryWatch, Pressure, RunRecord,
-                                    WatchThresholds, assess, diagnose_exit, judge_previous_run,
-                                    kernel_oom_kills, parse_kmsg_record, parse_oom_kills, parse_psi,
-                                    shorter_seq_len, start_run)
+from dllama_node.common.memory import read_text
+from dllama_node.daemon.kernel_log import (KernelLogUnavailable, kernel_oom_kills, parse_kmsg_record,
+                                           parse_oom_kills)
+from dllama_node.daemon.memory_watch import (PSI_MEMORY_PATH, MemorySample, MemoryWatch, Pressure,
+                                             WatchThresholds, assess, parse_psi, sample_memory)
+from dllama_node.daemon.oom_diagnosis import MemoryFacts, diagnose_exit, judge_previous_run, shorter_seq_len
+from dllama_node.daemon.run_record import RUN_RECORD_FILE, RunRecord, start_run
 from tests.as_user import effective_user
 
 HELPER = os.path.join(os.path.dirname(__file__), "daemon_helper.py")
@@ -83,7 +87,7 @@ def test_parse_psi():
 
 
 def test_psi_of_this_machine():
-    text = oom._read_text(oom.PSI_MEMORY_PATH)
+    text = read_text(PSI_MEMORY_PATH)
     if not text:
         pytest.skip("no /proc/pressure/memory (kernel without PSI)")
     p = parse_psi(text)
@@ -138,7 +142,7 @@ def test_memory_watch_survives_a_broken_sampler(caplog):
 
 
 def test_real_sampler():
-    s = oom.sample_memory()
+    s = sample_memory()
     assert s.available_bytes > 0 and s.rss_bytes > 0
 
 
@@ -271,12 +275,12 @@ def _root_only(what):
 
 def test_kmsg_unreadable_for_a_plain_user():
     _root_only("switching to user nobody")
-    if oom._read_text("/proc/sys/kernel/dmesg_restrict").strip() != "1":
+    if read_text("/proc/sys/kernel/dmesg_restrict").strip() != "1":
         pytest.skip("kernel.dmesg_restrict is not 1: a plain user may read the kernel log here")
     # nobody's effective ids in this process (tests/as_user.py): no child process has to
     # import the package from a checkout it may not be able to read
     with effective_user(), pytest.raises(KernelLogUnavailable) as refused:
-        oom.kernel_oom_kills()
+        kernel_oom_kills()
     assert os.geteuid() == 0
     message = str(refused.value)
     assert message.startswith("cannot read the kernel log /dev/kmsg"), message
@@ -288,7 +292,7 @@ def _memory_cgroup(name):
     v1 = "/sys/fs/cgroup/memory"
     if os.path.isfile(os.path.join(v1, "memory.limit_in_bytes")):
         return os.path.join(v1, name), "memory.limit_in_bytes"
-    if "memory" in oom._read_text("/sys/fs/cgroup/cgroup.subtree_control").split():
+    if "memory" in read_text("/sys/fs/cgroup/cgroup.subtree_control").split():
         return os.path.join("/sys/fs/cgroup", name), "memory.max"
     pytest.skip("no writable memory cgroup controller (v1 memory, or v2 with memory enabled)")
 
@@ -331,7 +335,7 @@ def test_real_oom_kill_is_found_and_diagnosed(tmp_path):
         # The watch warned before the kill, and recorded the sample it warned on.
         assert "[EVENT=memory_pressure PHASE=loading AVAILABLE_BYTES=" in err, err
         assert "node b2 is running out of memory while loading" in err
-        record = RunRecord.load(os.path.join(state_dir, oom.RUN_RECORD_FILE))
+        record = RunRecord.load(os.path.join(state_dir, RUN_RECORD_FILE))
         assert record.pid == pid and record.phase == "loading" and not record.clean_exit
         assert 0 < record.available_bytes <= limit            # the child saw its cgroup's limit
         assert 0 <= record.last_available_bytes < limit // 3  # ... and the watch's last sample
@@ -351,7 +355,7 @@ def test_real_oom_kill_is_found_and_diagnosed(tmp_path):
         previous = json.loads(nxt.stdout)
         assert previous["kind"] == "oom_killed" and previous["oom_pid"] == pid
         assert "[EVENT=oom_diagnosis" in nxt.stderr and "previous run: node b2 was OOM-killed" in nxt.stderr
-        oom_control = oom._read_text(os.path.join(cgroup, "memory.oom_control"))
+        oom_control = read_text(os.path.join(cgroup, "memory.oom_control"))
         if oom_control:
             assert "oom_kill 1" in oom_control
     finally:
