@@ -1,5 +1,5 @@
 """`dllama-ctl doctor`: gathers the facts (the service's process, this machine's memory,
-the journal, the kernel log) and hands them to the pure checks of daemon/doctor_checks.py.
+the journal, the kernel log) and hands them to the pure checks of ctl/doctor_checks.py.
 
 The process whose limits count is the service's: its pid comes from the control socket
 (SO_PEERCRED), and its RLIMIT_MEMLOCK, capabilities, nice value and memory cgroup from
@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence, Tuple
 import click
 
 from dllama_node.common.process_limits import CAP_IPC_LOCK, CAP_SYS_NICE, has_capability
-from dllama_node.daemon import doctor_checks as dc
+from dllama_node.ctl import doctor_checks as dc
 from dllama_node.daemon.journal import EVENTS
 
 log = logging.getLogger(__name__)

@@ -16,10 +16,10 @@ from click.testing import CliRunner
 from dllama_node.cluster.auth import generate_key, write_key
 from dllama_node.common import errors
 from dllama_node.common.units import MiB
+from dllama_node.ctl import doctor_checks as dc
 from dllama_node.ctl.cli import cli
 from dllama_node.ctl.doctor import parse_kmsg_text
 from dllama_node.ctl.logs import format_entry, journalctl_args
-from dllama_node.daemon import doctor_checks as dc
 from dllama_node.daemon.journal import EVENTS
 from dllama_node.daemon.kernel_log import parse_oom_kills
 from tests.ctl_fake_daemon import FakeDaemon

@@ -15,7 +15,7 @@ from dllama_node.cluster.planning import local_capacities
 from dllama_node.common.process_limits import (CAP_IPC_LOCK, CAP_SYS_NICE, UNLIMITED,
                                                effective_capabilities, has_capability,
                                                lockable_bytes, lockable_limit, memlock_limit_bytes)
-from dllama_node.daemon.doctor_checks import OK, WARN, ProcessFacts, check_memlock
+from dllama_node.ctl.doctor_checks import OK, WARN, ProcessFacts, check_memlock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(ROOT, "demo", "stories.gguf")
