@@ -31,7 +31,7 @@ import sys
 import numpy as np
 
 from dllama_node.cluster.local import LocalCluster
-from dllama_node.cluster.root import DEFAULT_SPIN_US
+from dllama_node.cluster.run_options import DEFAULT_SPIN_US, RunOptions
 from dllama_node.engine.sampler import Sampler, SamplerSettings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,8 +59,9 @@ def measure(model: str, nodes: int, threads: int, prompt_tokens: int, gen_tokens
             wire: str, sync: str, spin_us: int = 0) -> dict:
     """One local cluster with `sync`: the figures of `dllama-ctl bench --json`."""
     greedy = Sampler(SamplerSettings(temperature=0))
-    cluster = LocalCluster(model, nodes, threads, wire, prompt_tokens + gen_tokens + 1,
-                           load_tokenizer=False, sync=sync, spin_us=spin_us)
+    cluster = LocalCluster(RunOptions(model, threads=threads, max_seq_len=prompt_tokens
+                                      + gen_tokens + 1, nodes=nodes, wire=wire,
+                                      load_tokenizer=False, sync=sync, spin_us=spin_us))
     pids = [os.getpid()] + [p.pid for p in cluster.processes]
     with cluster as root:
         root.start()

@@ -1,5 +1,6 @@
 """A cluster on this machine: the root in this process, N-1 worker processes on
-loopback. What `dllama-ctl generate/bench --nodes N` runs."""
+loopback. What `dllama-ctl generate/bench --nodes N` runs, with the run's options
+(cluster/run_options.py) as they came from the command line."""
 from __future__ import annotations
 
 import os
@@ -7,11 +8,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 from dllama_node.cluster.auth import generate_key, write_key
 from dllama_node.cluster.planning import local_capacities
 from dllama_node.cluster.root import ClusterRoot, WorkerAddress
+from dllama_node.cluster.run_options import RunOptions
 from dllama_node.common.errors import ClusterError
 
 
@@ -34,15 +36,11 @@ def spawn_worker(node_id: str, key_file: str, timeout_s: float = 10.0, verbose: 
 
 
 class LocalCluster:
-    """Context manager: N nodes on this machine, torn down on exit."""
+    """Context manager: options.nodes nodes on this machine, torn down on exit.
+    state_dir: where the workers keep their state (slice cache); None: their default."""
 
-    def __init__(self, model_path: str, n_nodes: int, threads: int = 1, wire: str = "q8_0",
-                 max_seq_len: Optional[int] = None, split: Optional[Sequence[float]] = None,
-                 batch: int = 64, timeout_s: float = 10.0, tokenizer_path: Optional[str] = None,
-                 load_tokenizer: bool = True, stream_weights: bool = False,
-                 state_dir: Optional[str] = None, sync: Optional[str] = None,
-                 spin_us: Optional[int] = None):
-        caps = local_capacities(n_nodes, threads)
+    def __init__(self, options: RunOptions, state_dir: Optional[str] = None):
+        caps = local_capacities(options.nodes, options.threads or 1)
         self.processes: List[subprocess.Popen] = []
         # a key for this run only, readable by this user alone
         self.key_dir = tempfile.mkdtemp(prefix="dllama-key-")
@@ -52,13 +50,11 @@ class LocalCluster:
         workers = []
         try:
             for cap in caps[1:]:
-                proc, host, port = spawn_worker(cap.node_id, key_file, timeout_s,
+                proc, host, port = spawn_worker(cap.node_id, key_file, options.timeout_s,
                                                 state_dir=state_dir)
                 self.processes.append(proc)
                 workers.append(WorkerAddress(host, port, cap, proc))
-            self.root = ClusterRoot(model_path, caps[0], workers, threads, wire, max_seq_len,
-                                    split, batch, timeout_s, tokenizer_path, load_tokenizer,
-                                    stream_weights, key, sync=sync, spin_us=spin_us)
+            self.root = ClusterRoot(options, caps[0], workers, key)
         except BaseException:
             self._stop()
             raise

@@ -11,7 +11,6 @@ no command, option or environment variable of the product chooses it.
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Callable, List, Optional, Sequence
 from dllama_node.cluster.auth import INITIATOR, Handshake
 from dllama_node.cluster.planning import make_plan
 from dllama_node.cluster.protocol import PROTOCOL_VERSION, Connection, Kind, DEFAULT_TIMEOUT_S
+from dllama_node.cluster.run_options import RunOptions
 from dllama_node.cluster.sync_tcp import NodeFailure, Peer, RootMeshSync, RootSync
 from dllama_node.cluster.transfer import serve_slice
 from dllama_node.cluster.wire import check_sync, check_wire
@@ -32,12 +32,6 @@ from dllama_node.engine.load import load_weights
 from dllama_node.plan import NodeCapacity, ShardPlan
 
 log = logging.getLogger(__name__)
-
-# In the mesh, how long a node waiting for its peers' parts keeps polling before it
-# sleeps, while most waits end within that (cluster/sync_tcp.py): a peer that is a few
-# microseconds behind then costs no sleep and wake-up (TinyLlama, 2 nodes on loopback:
-# sync 3.2 -> 2.0 ms per token on a quiet machine).
-DEFAULT_SPIN_US = 150
 
 
 @dataclass
@@ -76,36 +70,34 @@ class PlanRejected(ClusterError):
 
 
 class ClusterRoot:
-    def __init__(self, model_path: str, root_capacity: NodeCapacity,
-                 workers: Sequence[WorkerAddress], threads: int = 1, wire: str = "q8_0",
-                 max_seq_len: Optional[int] = None, split: Optional[Sequence[float]] = None,
-                 batch: int = 64, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 tokenizer_path: Optional[str] = None, load_tokenizer: bool = True,
-                 stream_weights: bool = False, key: bytes = b"", cluster: str = "default",
-                 allow_swap: bool = False, sync: Optional[str] = None,
-                 spin_us: Optional[int] = None):
+    """Runs `options` over this node (root_capacity) and its workers. key and cluster
+    are what the workers check this root by (cluster/auth.py)."""
+
+    def __init__(self, options: RunOptions, root_capacity: NodeCapacity,
+                 workers: Sequence[WorkerAddress], key: bytes = b"", cluster: str = "default"):
         from dllama_node.cluster.slices import model_identity
         from dllama_node.model import open_model
 
-        self.model = open_model(model_path)
+        self.options = options
+        self.model = open_model(options.model_path)
         self.model_identity = model_identity(self.model)
-        self.stream_weights = stream_weights   # workers get slices from here even with a file
+        self.stream_weights = options.stream_weights  # workers get slices from here
         self.key, self.cluster = key, cluster
-        self.allow_swap = allow_swap
-        self.model_path = model_path
+        self.allow_swap = options.allow_swap
+        self.model_path = options.model_path
         self.root_capacity = root_capacity
         self.workers = list(workers)
-        self.threads, self.batch, self.timeout_s = threads, batch, timeout_s
-        self.max_seq_len, self.split = max_seq_len, split
-        self.wire = check_wire(wire, self.model.config.dim)
-        self.sync_mode = check_sync(sync or "mesh")     # "star": bench/compare_sync.py only
-        self.spin_us = int(os.environ.get("DLLAMA_SYNC_SPIN_US", DEFAULT_SPIN_US)
-                           if spin_us is None else spin_us)
+        self.threads = options.threads or 1
+        self.batch, self.timeout_s = options.batch, options.timeout_s
+        self.max_seq_len, self.split = options.max_seq_len, options.split
+        self.wire = check_wire(options.wire, self.model.config.dim)
+        self.sync_mode = check_sync(options.sync)     # "star": bench/compare_sync.py only
+        self.spin_us = options.spin_us
         self.tokenizer = None
-        if load_tokenizer:
+        if options.load_tokenizer:
             from dllama_node.tokenizer import load_tokenizer as _load
             self.tokenizer = _load(self.model.metadata, self.model.config.vocab_size,
-                                   tokenizer_path)
+                                   options.tokenizer_path)
         self.peers: List[Peer] = []
         self.plan: Optional[ShardPlan] = None
         self.session: Optional[Session] = None

@@ -15,6 +15,7 @@ import click
 from dllama_node.common import errors
 from dllama_node.ctl import local_commands
 from dllama_node.ctl.key import key_group
+from dllama_node.ctl.runner import run_options
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 ok, 1 failure, 2 bad usage or option value, 3 model file error, "
@@ -235,11 +236,11 @@ def generate(model_path, tokenizer_path, threads, max_seq_len, temperature, top_
                                  chat_format, params, as_json, wait_s)
         return
     local_commands.generate(
-        model_path=model_path, tokenizer_path=tokenizer_path, threads=threads,
-        max_seq_len=max_seq_len,
+        run_options(model_path, tokenizer_path, threads, max_seq_len, nodes, split, wire,
+                    stream_weights),
         sampler=local_commands.sampler_settings(temperature, top_k, top_p, repetition_penalty, seed),
         prompt=prompt, max_tokens=max_tokens, stop=stop, chat_format=chat_format,
-        as_json=as_json, nodes=nodes, split=split, wire=wire, stream_weights=stream_weights)
+        as_json=as_json)
 
 
 @cli.command()
@@ -280,11 +281,10 @@ def chat(model_path, tokenizer_path, threads, max_seq_len, temperature, top_k, t
         remote_commands.chat(_client(socket_path, _runs_here("chat")), params, system, wait_s)
         return
     local_commands.chat(
-        model_path=model_path, tokenizer_path=tokenizer_path, threads=threads,
-        max_seq_len=max_seq_len,
+        run_options(model_path, tokenizer_path, threads, max_seq_len, nodes, split, wire,
+                    stream_weights),
         sampler=local_commands.sampler_settings(temperature, top_k, top_p, repetition_penalty, seed),
-        system=system, max_tokens=max_tokens, nodes=nodes, split=split, wire=wire,
-        stream_weights=stream_weights)
+        system=system, max_tokens=max_tokens)
 
 
 @cli.command()
@@ -302,10 +302,9 @@ def bench(model_path, tokenizer_path, threads, max_seq_len, nodes, split, wire, 
     --nodes, also the plan, each node's measured memory next to it, the sync time and the
     bytes on the wire per token.
     """
-    local_commands.bench(model_path=model_path, tokenizer_path=tokenizer_path, threads=threads,
-                         max_seq_len=max_seq_len, prompt_tokens=prompt_tokens,
-                         gen_tokens=gen_tokens, as_json=as_json, nodes=nodes, split=split,
-                         wire=wire, stream_weights=stream_weights)
+    local_commands.bench(run_options(model_path, tokenizer_path, threads, max_seq_len, nodes,
+                                     split, wire, stream_weights),
+                         prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, as_json=as_json)
 
 
 @cli.command()

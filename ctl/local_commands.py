@@ -1,6 +1,8 @@
-"""What dllama-ctl does with a model: on this node, or on N local nodes (--nodes)."""
+"""What dllama-ctl does with a model: on this node, or on N local nodes (--nodes), as the
+run's options (cluster/run_options.py, built once by ctl/cli.py) say."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -9,6 +11,7 @@ from typing import Optional, Sequence
 import click
 import numpy as np
 
+from dllama_node.cluster.run_options import RunOptions
 from dllama_node.common.errors import UsageError
 from dllama_node.common.memory import peak_rss_bytes
 from dllama_node.common.units import format_bytes
@@ -20,21 +23,14 @@ def sampler_settings(temperature, top_k, top_p, repetition_penalty, seed) -> Sam
                            repetition_penalty=repetition_penalty, seed=seed).validate()
 
 
-def _open(model_path, tokenizer_path, threads, max_seq_len, quiet=False, nodes=1, split=None,
-          wire="q8_0", load_tokenizer=True, stream_weights=False):
-    from dllama_node.cluster.planning import parse_split
+def _open(options: RunOptions, quiet: bool = False):
     from dllama_node.ctl.runner import open_runner
 
-    if nodes < 1:
-        raise UsageError(f"--nodes {nodes}: expected 1 or more")
-    return open_runner(model_path, tokenizer_path, threads, max_seq_len, nodes,
-                       parse_split(split, nodes), wire, quiet, load_tokenizer, stream_weights)
+    return open_runner(options, quiet)
 
 
-def generate(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerSettings,
-             prompt: str, max_tokens: int, stop: Sequence[str], chat_format: bool,
-             as_json: bool, nodes: int = 1, split: Optional[str] = None,
-             wire: str = "q8_0", stream_weights: bool = False) -> None:
+def generate(options: RunOptions, sampler: SamplerSettings, prompt: str, max_tokens: int,
+             stop: Sequence[str], chat_format: bool, as_json: bool) -> None:
     from dllama_node.engine.generate_text import generate_text, outcome_of, sampled
     from dllama_node.tokenizer.conversation_fit import (LIMIT_CONTEXT, AnswerBudget,
                                                         stopped_note)
@@ -42,8 +38,7 @@ def generate(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerS
     if max_tokens < 0:
         raise UsageError(f"max-tokens {max_tokens}: expected 0 or more")
     sampler_ = Sampler(sampler)  # validates before the model loads
-    with _open(model_path, tokenizer_path, threads, max_seq_len, as_json, nodes, split,
-               wire, stream_weights=stream_weights) as node:
+    with _open(options, quiet=as_json) as node:
         tok = node.tokenizer
         if chat_format:
             ids = tok.encode_chat([{"role": "user", "content": prompt}])
@@ -65,7 +60,7 @@ def generate(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerS
                 "finish_reason": outcome.finish_reason,
                 "limit": outcome.limit,
                 "max_seq_len": node.seq_len,
-                "nodes": nodes,
+                "nodes": options.nodes,
                 "prompt_tok_s": round(t.prompt_tok_s, 3),
                 "decode_tok_s": round(t.decode_tok_s, 3),
             }))
@@ -78,9 +73,8 @@ def generate(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerS
                 click.echo(stopped_note(LIMIT_CONTEXT, node.seq_len), err=True)
 
 
-def chat(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerSettings,
-         system: Optional[str], max_tokens: int, nodes: int = 1, split: Optional[str] = None,
-         wire: str = "q8_0", stream_weights: bool = False) -> None:
+def chat(options: RunOptions, sampler: SamplerSettings, system: Optional[str],
+         max_tokens: int) -> None:
     """The same chat as through the service (ctl/chat_repl.py: multi-line input, /reset,
     /system, /help, Ctrl-C, history), answered by the model on this machine: one process,
     or --nodes N processes over loopback."""
@@ -91,8 +85,7 @@ def chat(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerSetti
     sampler_ = Sampler(sampler)
     if max_tokens < 0:
         raise UsageError(f"max-tokens {max_tokens}: expected 0 or more")
-    with _open(model_path, tokenizer_path, threads, max_seq_len, False, nodes, split, wire,
-               stream_weights=stream_weights) as node:
+    with _open(options) as node:
         tok = node.tokenizer
 
         def send(messages):
@@ -108,19 +101,20 @@ def chat(model_path, tokenizer_path, threads, max_seq_len, sampler: SamplerSetti
                 elif event.text:
                     yield {"token": event.token, "text": event.text}
 
-        where = f"{nodes} nodes of this machine" if nodes > 1 else "this machine"
-        chat_in_terminal(send, system, f"Chat with {os.path.basename(model_path)} on {where}.")
+        where = f"{options.nodes} nodes of this machine" if options.nodes > 1 else "this machine"
+        chat_in_terminal(send, system,
+                         f"Chat with {os.path.basename(options.model_path)} on {where}.")
 
 
-def bench(model_path, tokenizer_path, threads, max_seq_len, prompt_tokens: int, gen_tokens: int,
-          as_json: bool, nodes: int = 1, split: Optional[str] = None, wire: str = "q8_0",
-          stream_weights: bool = False) -> None:
+def bench(options: RunOptions, prompt_tokens: int, gen_tokens: int, as_json: bool) -> None:
+    """Token ids only (no tokenizer loaded), in a context just long enough unless asked."""
     from dllama_node import kernels
 
     t0 = time.perf_counter()
     need = prompt_tokens + gen_tokens + 1
-    with _open(model_path, tokenizer_path, threads, max_seq_len or need, as_json, nodes, split,
-               wire, load_tokenizer=False, stream_weights=stream_weights) as node:
+    run = dataclasses.replace(options, max_seq_len=options.max_seq_len or need,
+                              load_tokenizer=False)
+    with _open(run, quiet=as_json) as node:
         load_s = time.perf_counter() - t0
         vocab = node.session.transformer.cfg.vocab_size
         rng = np.random.default_rng(0)
@@ -138,9 +132,9 @@ def bench(model_path, tokenizer_path, threads, max_seq_len, prompt_tokens: int, 
             produced = sum(1 for _ in node.generate(prompt, gen_tokens, greedy))
             prompt_timing = decode_timing = node.session.timings
         result = {
-            "model": model_path,
+            "model": options.model_path,
             "kernel_path": kernels.kernel_path(),
-            "nodes": nodes,
+            "nodes": options.nodes,
             "threads": node.threads,
             "prompt_tokens": prompt_tokens,
             "gen_tokens": produced,
@@ -164,7 +158,7 @@ def bench(model_path, tokenizer_path, threads, max_seq_len, prompt_tokens: int, 
                 "root_sync_wait_ms_per_token": round(1000 * st.sync_s / steps, 3),
                 "compute_ms_per_token": {k: round(1000 * d["compute_s"] / max(d["steps"], 1), 3)
                                          for k, d in per_node.items()},
-                "wire": wire,
+                "wire": options.wire,
                 "sync": node.root.sync_mode,
                 "wire_bytes_per_token": (st.bytes_sent + st.bytes_received) // steps,
                 "per_node": [{"node_id": r.node_id, "role": r.role,
@@ -174,8 +168,9 @@ def bench(model_path, tokenizer_path, threads, max_seq_len, prompt_tokens: int, 
     if as_json:
         click.echo(json.dumps(result))
         return
-    click.echo(f"model          {model_path}")
-    click.echo(f"kernel path    {result['kernel_path']}, {nodes} node(s) x {result['threads']} threads")
+    click.echo(f"model          {options.model_path}")
+    click.echo(f"kernel path    {result['kernel_path']}, "
+               f"{options.nodes} node(s) x {result['threads']} threads")
     click.echo(f"prompt eval    {result['prompt_tok_s']:.2f} tok/s ({prompt_tokens} tokens)")
     click.echo(f"decode         {result['decode_tok_s']:.2f} tok/s ({produced} tokens)")
     click.echo(f"peak RSS       {format_bytes(result['peak_rss_bytes'])} "
@@ -186,7 +181,7 @@ def bench(model_path, tokenizer_path, threads, max_seq_len, prompt_tokens: int, 
         click.echo(f"compute        ms per token: {compute}")
         click.echo(f"sync           {result['sync_ms_per_token']:.2f} ms per token beyond the slowest "
                    f"node's compute; {format_bytes(result['wire_bytes_per_token'])} on the wire "
-                   f"per token at the root ({wire})")
+                   f"per token at the root ({options.wire})")
         for r in result["per_node"]:
             click.echo(f"memory {r['node_id']:8}RSS {format_bytes(r['rss_bytes'])}, planned "
                        f"{format_bytes(r['planned_bytes'])} "

@@ -1,17 +1,31 @@
 """How dllama-ctl runs a model in its own process: one node, or a local cluster of N.
 
-`open_runner(...)` loads it with progress bars and the plan on stderr, and yields one of
-cluster/runners.py's runners (SingleRunner or ClusterRunner).
+`run_options(...)` turns a command's options into one RunOptions (cluster/run_options.py);
+`open_runner(options)` loads the model as they say, with progress bars and the plan on
+stderr, and yields one of cluster/runners.py's runners (SingleRunner or ClusterRunner).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
 import click
 
+from dllama_node.cluster.run_options import RunOptions
 from dllama_node.cluster.runners import ClusterRunner, SingleRunner
 from dllama_node.common.units import format_mib
+
+
+def run_options(model_path: str, tokenizer_path: Optional[str], threads: Optional[int],
+                max_seq_len: Optional[int], nodes: int = 1, split: Optional[str] = None,
+                wire: str = "q8_0", stream_weights: bool = False) -> RunOptions:
+    """A command's model and cluster options (ctl/cli.py) as one RunOptions, the object
+    open_runner, the local cluster and its root read; --split is parsed here."""
+    from dllama_node.cluster.planning import parse_split
+
+    return RunOptions(model_path=model_path, tokenizer_path=tokenizer_path, threads=threads,
+                      max_seq_len=max_seq_len, nodes=nodes, split=parse_split(split, nodes),
+                      wire=wire, stream_weights=stream_weights)
 
 
 def measured_table(reports) -> str:
@@ -42,18 +56,16 @@ def node_progress(enabled: bool):
 
 
 @contextlib.contextmanager
-def open_runner(model_path: str, tokenizer_path: Optional[str], threads: Optional[int],
-                max_seq_len: Optional[int], nodes: int = 1, split: Optional[Sequence[float]] = None,
-                wire: str = "q8_0", quiet: bool = False, load_tokenizer: bool = True,
-                stream_weights: bool = False) -> Iterator:
+def open_runner(options: RunOptions, quiet: bool = False) -> Iterator:
     from dllama_node.ctl.progress import byte_progress
 
-    if nodes <= 1:
+    o = options
+    if o.nodes <= 1:
         from dllama_node.engine.node import LocalNode
 
         with byte_progress("loading weights", enabled=not quiet) as progress:
-            node = LocalNode.open(model_path, tokenizer_path, max_seq_len, threads,
-                                  progress=progress, load_tokenizer_=load_tokenizer)
+            node = LocalNode.open(o.model_path, o.tokenizer_path, o.max_seq_len, o.threads,
+                                  progress=progress, load_tokenizer_=o.load_tokenizer)
         try:
             if not quiet:
                 click.echo(node.context.reason, err=True)
@@ -65,12 +77,10 @@ def open_runner(model_path: str, tokenizer_path: Optional[str], threads: Optiona
     from dllama_node.cluster.local import LocalCluster
     from dllama_node.plan import format_plan
 
-    with LocalCluster(model_path, nodes, threads or 1, wire, max_seq_len, split,
-                      tokenizer_path=tokenizer_path, load_tokenizer=load_tokenizer,
-                      stream_weights=stream_weights) as root:
+    with LocalCluster(o) as root:
         if not quiet:
-            click.echo(f"starting {nodes} nodes on this machine (loopback), "
-                       f"{threads or 1} thread(s) each, {wire} on the wire, "
+            click.echo(f"starting {o.nodes} nodes on this machine (loopback), "
+                       f"{root.threads} thread(s) each, {root.wire} on the wire, "
                        f"{root.sync_mode} all-reduce", err=True)
         with node_progress(enabled=not quiet) as streaming:
             root.start(progress=(lambda msg: click.echo(msg, err=True)) if not quiet else None,

@@ -143,7 +143,7 @@ def serve(model_path: str, tokenizer_path: Optional[str], threads: Optional[int]
     from dllama_node.api.backend import EngineBackend
     from dllama_node.api.server import ApiConfig, needs_auth
     from dllama_node.cluster.auth import read_key
-    from dllama_node.ctl.runner import open_runner
+    from dllama_node.ctl.runner import open_runner, run_options
 
     host, port = parse_listen(listen)
     key = read_key(key_file) if key_file else None
@@ -158,7 +158,8 @@ def serve(model_path: str, tokenizer_path: Optional[str], threads: Optional[int]
         click.echo(f"{server.url}/v1")          # stdout: the URL alone, for scripts
 
     with bind_listener(host, port) as listener, access_log_on_stderr(), \
-            open_runner(model_path, tokenizer_path, threads, max_seq_len, nodes) as runner:
+            open_runner(run_options(model_path, tokenizer_path, threads, max_seq_len,
+                                    nodes)) as runner:
         backend = EngineBackend(runner, model_id)
         asyncio.run(_serve(backend, config, listener, announce))
     click.echo("stopped", err=True)

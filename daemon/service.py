@@ -19,6 +19,7 @@ from typing import Dict, List, Optional
 
 from dllama_node.cluster.auth import read_key
 from dllama_node.cluster.root import ClusterRoot, PlanRejected, WorkerAddress
+from dllama_node.cluster.run_options import RunOptions
 from dllama_node.cluster.worker import Worker
 from dllama_node.common.errors import ClusterError, DllamaError, UsageError
 from dllama_node.daemon import journal, systemd
@@ -428,13 +429,14 @@ class NodeService:
         has now; the root re-plans with that, at most three times."""
         self._close_root()
         c = self.config
+        options = RunOptions(model_path=c.model, tokenizer_path=c.tokenizer,
+                             threads=c.threads or self.capacity.cores,
+                             max_seq_len=c.max_seq_len or None, wire=c.wire,
+                             allow_swap=c.allow_swap)
         for attempt in range(3):
             workers = [WorkerAddress(a.address, a.port, self._capacity_with_override(a))
                        for a in peers]
-            root_cap = self.capacity
-            root = ClusterRoot(c.model, root_cap, workers, c.threads or root_cap.cores, c.wire,
-                               c.max_seq_len or None, None, key=self.key, cluster=c.cluster,
-                               tokenizer_path=c.tokenizer, allow_swap=c.allow_swap)
+            root = ClusterRoot(options, self.capacity, workers, key=self.key, cluster=c.cluster)
             try:
                 self._set_state("loading")
                 self.load_plan = self.load_rows = None

@@ -11,6 +11,7 @@ openai = pytest.importorskip("openai")
 from dllama_node.api.backend import EngineBackend  # noqa: E402
 from dllama_node.api.server import ApiConfig, serve_in_thread  # noqa: E402
 from dllama_node.ctl.cli import cli  # noqa: E402
+from dllama_node.cluster.run_options import RunOptions  # noqa: E402
 from dllama_node.ctl.runner import open_runner  # noqa: E402
 from dllama_node.model.generate import PRESETS, write_random_model  # noqa: E402
 
@@ -30,7 +31,7 @@ def test_cluster_greedy_text_and_per_node_metrics(model_path):
                                  "--json"])
     assert r.exit_code == 0, r.output
     want = json.loads(r.stdout.strip().splitlines()[-1])
-    with open_runner(model_path, None, 1, None, nodes=2, quiet=True) as runner:
+    with open_runner(RunOptions(model_path, threads=1, nodes=2), quiet=True) as runner:
         with serve_in_thread(EngineBackend(runner, "tiny2"), ApiConfig(port=0)) as srv:
             client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
             answer = client.completions.create(model="tiny2", prompt="Once upon", max_tokens=12,

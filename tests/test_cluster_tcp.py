@@ -18,6 +18,7 @@ from dllama_node.cluster.local import LocalCluster, spawn_worker
 from dllama_node.cluster.planning import local_capacities
 from dllama_node.cluster.protocol import HEADER, MAGIC, Kind
 from dllama_node.cluster.root import ClusterRoot, WorkerAddress
+from dllama_node.cluster.run_options import RunOptions
 from dllama_node.cluster.sync_tcp import NodeFailure, RootMeshSync, RootSync
 from dllama_node.engine.forward import Transformer
 from dllama_node.engine.generate import Session
@@ -29,6 +30,13 @@ from tests import hf_models
 PROMPT = [1, 17, 203, 99, 5, 42, 77, 150, 8, 260, 31]
 GREEDY = Sampler(SamplerSettings(temperature=0))
 SEQ = 128
+
+
+def run_options(model_path: str, **changes) -> RunOptions:
+    """The options of the runs here: f32 on the wire (exact sums), a SEQ context, batch 16,
+    token ids only; `changes` on top."""
+    return RunOptions(model_path, **{"wire": "f32", "max_seq_len": SEQ, "batch": 16,
+                                     "load_tokenizer": False, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +67,7 @@ def single(model_path):
                                             (3, (4, 1, 2))])
 def test_n_processes_equal_one_node(model_path, single, n_nodes, split):
     ref_logits, ref_tokens = single
-    with LocalCluster(model_path, n_nodes, wire="f32", max_seq_len=SEQ, split=split, batch=16,
-                      load_tokenizer=False) as root:
+    with LocalCluster(run_options(model_path, nodes=n_nodes, split=split)) as root:
         root.start()
         assert len(root.reports) == n_nodes
         tokens = list(root.generate(PROMPT, 64, GREEDY))
@@ -73,8 +80,7 @@ def test_star_and_mesh_give_the_same_bits_on_an_exact_wire(model_path, single):
     ref_logits, ref_tokens = single
     logits, tokens = {}, {}
     for sync, kind in (("star", RootSync), ("mesh", RootMeshSync)):
-        with LocalCluster(model_path, 3, wire="f32", max_seq_len=SEQ, batch=16,
-                          load_tokenizer=False, sync=sync) as root:
+        with LocalCluster(run_options(model_path, nodes=3, sync=sync)) as root:
             root.start()
             assert type(root.sync) is kind
             logits[sync] = root.session._eval_prompt(PROMPT).copy()
@@ -85,8 +91,7 @@ def test_star_and_mesh_give_the_same_bits_on_an_exact_wire(model_path, single):
 
 def test_q8_0_wire_logits_within_tolerance(model_path, single):
     ref_logits, _ = single
-    with LocalCluster(model_path, 3, wire="q8_0", max_seq_len=SEQ, batch=16,
-                      load_tokenizer=False) as root:
+    with LocalCluster(run_options(model_path, nodes=3, wire="q8_0")) as root:
         root.start()
         assert isinstance(root.sync, RootMeshSync)          # the default
         logits = root.session._eval_prompt(PROMPT).copy()
@@ -100,8 +105,7 @@ def test_q8_0_wire_logits_within_tolerance(model_path, single):
 
 def test_worker_killed_mid_generation_is_named_and_the_root_recovers(model_path, single):
     _, ref_tokens = single
-    with LocalCluster(model_path, 3, wire="f32", max_seq_len=SEQ, batch=16,
-                      load_tokenizer=False) as root:
+    with LocalCluster(run_options(model_path, nodes=3)) as root:
         root.start()
         victim = root.peers[1]
         gen = root.generate(PROMPT, 64, GREEDY)
@@ -132,8 +136,7 @@ def test_worker_survives_a_vanished_root_and_serves_the_next(model_path, single,
     try:
         caps = local_capacities(2)
         address = WorkerAddress(host, port, caps[1], proc)
-        first = ClusterRoot(model_path, caps[0], [address], wire="f32", max_seq_len=SEQ,
-                            batch=16, load_tokenizer=False, key=key)
+        first = ClusterRoot(run_options(model_path), caps[0], [address], key=key)
         first.start()
         gen = first.generate(PROMPT, 64, GREEDY)
         next(gen)
@@ -141,8 +144,7 @@ def test_worker_survives_a_vanished_root_and_serves_the_next(model_path, single,
             p.conn.sock.shutdown(socket.SHUT_RDWR)
             p.conn.close()
         first.model.close()
-        second = ClusterRoot(model_path, caps[0], [address], wire="f32", max_seq_len=SEQ,
-                             batch=16, load_tokenizer=False, key=key)
+        second = ClusterRoot(run_options(model_path), caps[0], [address], key=key)
         try:
             second.start()
             assert list(second.generate(PROMPT, 64, GREEDY)) == ref_tokens
@@ -198,15 +200,13 @@ def test_garbage_other_versions_and_wrong_keys_are_refused(model_path, single, t
         # a root without the cluster key learns nothing and is refused
         caps = local_capacities(2)
         address = WorkerAddress(host, port, caps[1], proc)
-        impostor = ClusterRoot(model_path, caps[0], [address], wire="f32", max_seq_len=SEQ,
-                               batch=16, load_tokenizer=False, key=generate_key())
+        impostor = ClusterRoot(run_options(model_path), caps[0], [address], key=generate_key())
         with pytest.raises(AuthenticationError, match="cluster key mismatch"):
             impostor.start()
         impostor.close()
         _wait_for(log, ["refused peer", "did not prove it holds this cluster's key"])
         # and the worker still serves a proper root
-        root = ClusterRoot(model_path, caps[0], [address], wire="f32", max_seq_len=SEQ, batch=16,
-                           load_tokenizer=False, key=read_key(key_file))
+        root = ClusterRoot(run_options(model_path), caps[0], [address], key=read_key(key_file))
         try:
             root.start()
             assert list(root.generate(PROMPT, 16, GREEDY)) == ref_tokens[:16]
@@ -241,8 +241,8 @@ def test_workers_without_the_file_get_their_slices_streamed_then_cached(model_pa
     _, ref_tokens = single
     state = str(tmp_path / "state")
     for expected_source in ("stream", "cache"):
-        with LocalCluster(model_path, 3, wire="f32", max_seq_len=SEQ, batch=16,
-                          load_tokenizer=False, stream_weights=True, state_dir=state) as root:
+        with LocalCluster(run_options(model_path, nodes=3, stream_weights=True),
+                          state_dir=state) as root:
             seen = []
             root.start(stream_progress=lambda node, done, total: seen.append((node, done, total)))
             workers = root.reports[1:]

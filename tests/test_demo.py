@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from dllama_node.cluster.local import LocalCluster
+from dllama_node.cluster.run_options import RunOptions
 from dllama_node.engine.node import LocalNode
 from dllama_node.engine.sampler import Sampler, SamplerSettings
 from dllama_node.model import open_model, quants
@@ -107,7 +108,7 @@ def test_greedy_chat_answer_is_a_story_in_the_grammars_words(node, answer):
 
 def test_three_nodes_give_the_same_greedy_tokens(answer):
     ids, out, _ = answer
-    with LocalCluster(MODEL, 3, wire="f32", max_seq_len=256, batch=16) as root:
+    with LocalCluster(RunOptions(MODEL, nodes=3, wire="f32", max_seq_len=256, batch=16)) as root:
         root.start()
         assert [r.role for r in root.reports].count("worker") == 2
         got = list(root.generate(ids, len(out), GREEDY, root.tokenizer.eot_ids,
