@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Dict, Optional, Sequence
 
 import numpy as np
 
-from dllama_node.cluster.protocol import HEADER, MAGIC, PROTOCOL_VERSION, Kind
+from dllama_node.cluster.protocol import HEADER, MAGIC, PROTOCOL_VERSION, ErrorReport, Kind
 from dllama_node.cluster.wire import encode, row_bytes, sum_parts_q8_0_kernel
 from dllama_node.common.errors import ClusterError, ProtocolError
 
@@ -251,12 +251,10 @@ class MeshExchange:
             import json
 
             rest = peer.conn.recv_bytes(frame_length - len(have), "ERROR")
-            report = json.loads(have + rest)
+            report = ErrorReport.from_payload(json.loads(have + rest), peer.conn.peer)
         except (ClusterError, ValueError) as e:
             raise _LinkFailure(i, f"sent an ERROR that could not be read ({e})") from None
-        blamed = report.get("failed_node") if isinstance(report, dict) else None
-        message = report.get("message") if isinstance(report, dict) else None
-        raise _LinkFailure(i, f"{message}", blamed_node=blamed)
+        raise _LinkFailure(i, report.message, blamed_node=report.failed_node)
 
     def close(self) -> None:
         for _, peer in self.others:

@@ -18,7 +18,10 @@ from typing import Callable, List, Optional, Sequence
 
 from dllama_node.cluster.auth import INITIATOR, Handshake
 from dllama_node.cluster.planning import make_plan
-from dllama_node.cluster.protocol import PROTOCOL_VERSION, Connection, Kind, DEFAULT_TIMEOUT_S
+from dllama_node.cluster.protocol import (PROTOCOL_VERSION, Assign, Auth, Connection,
+                                          DEFAULT_TIMEOUT_S, ErrorReport, Hello, Kind, Loaded,
+                                          MeshAnswer, MeshPeer, MeshRequest, StatsReport,
+                                          StatsRequest, Welcome)
 from dllama_node.cluster.run_options import RunOptions
 from dllama_node.cluster.sync_tcp import NodeFailure, Peer, RootMeshSync, RootSync
 from dllama_node.cluster.transfer import serve_slice
@@ -123,9 +126,9 @@ class ClusterRoot:
             for w in self.workers:
                 conn = Connection.connect(w.host, w.port, self.timeout_s)
                 hs = Handshake(self.key, INITIATOR, self.cluster, self.root_capacity.node_id)
-                conn.send_json(Kind.HELLO, {"version": PROTOCOL_VERSION, **hs.offer()})
-                conn.send_json(Kind.AUTH, hs.confirm(conn.recv_json(Kind.WELCOME, "WELCOME"),
-                                                     conn.peer))
+                conn.send_message(Hello(version=PROTOCOL_VERSION, **hs.offer()))
+                welcome = conn.recv_message(Welcome)
+                conn.send_message(Auth(**hs.confirm(welcome.handshake_fields(), conn.peer)))
                 conns.append(conn)
                 self._auth_ids[w.node_id] = hs.peer_id    # the id it proved, for the mesh
             capacities = [self.root_capacity] + [w.capacity for w in self.workers]
@@ -144,14 +147,12 @@ class ClusterRoot:
                     conn.send(Kind.BYE)
                     conn.close()
                     continue
-                conn.send_json(Kind.ASSIGN, {
-                    "model_path": None if self.stream_weights else self.model_path,
-                    "model_identity": self.model_identity, "model_size": self.model.file_size,
-                    "config": {k: v for k, v in cfg.__dict__.items() if k != "rope_scaling"},
-                    "slice": node.spec.to_dict(),
-                    "seq_len": self.plan.max_seq_len, "batch": self.batch,
-                    "planned_bytes": node.memory.total - node.memory.reserve,
-                    "threads": self.threads, "wire": self.wire, "load_id": load_id})
+                conn.send_message(Assign(
+                    model_path=None if self.stream_weights else self.model_path,
+                    model_identity=self.model_identity, model_size=self.model.file_size,
+                    config=cfg, slice=node.spec, seq_len=self.plan.max_seq_len,
+                    batch=self.batch, planned_bytes=node.memory.total - node.memory.reserve,
+                    threads=self.threads, wire=self.wire, load_id=load_id))
                 self.peers.append(Peer(w.node_id, conn, node.spec.vocab_rows, w.process))
             assigned = {p.node_id for p in self.peers} | {root_slice.node_id}
             missing = [n.node_id for n in self.plan.nodes if n.node_id not in assigned]
@@ -173,9 +174,8 @@ class ClusterRoot:
                                        stream_progress)
                 r = self._loaded(peer)
                 self.reports.append(NodeReport(peer.node_id, node.role, node.memory.total,
-                                               r["weights_bytes"], r["kv_cache_bytes"],
-                                               r["rss_bytes"], r["load_s"], r.get("source", "file"),
-                                               streamed))
+                                               r.weights_bytes, r.kv_cache_bytes, r.rss_bytes,
+                                               r.load_s, r.source, streamed))
             if self.sync_mode == "mesh":
                 self._link_mesh()
                 self.sync = RootMeshSync(self.peers, cfg.dim, self.batch, self.wire,
@@ -200,32 +200,30 @@ class ClusterRoot:
         this root was given; each answers once its links stand."""
         session = secrets.token_hex(16)
         address = {w.node_id: w for w in self.workers}
-        peers = [{"index": i, "node_id": p.node_id, "auth_id": self._auth_ids[p.node_id],
-                  "host": address[p.node_id].host, "port": address[p.node_id].port}
-                 for i, p in enumerate(self.peers, 1)]
+        peers = tuple(MeshPeer(i, p.node_id, self._auth_ids[p.node_id],
+                               address[p.node_id].host, address[p.node_id].port)
+                      for i, p in enumerate(self.peers, 1))
         for i, peer in enumerate(self.peers, 1):
-            peer.conn.send_json(Kind.MESH, {"session": session, "index": i, "peers": peers,
-                                            "spin_us": self.spin_us})
+            peer.conn.send_message(MeshRequest(session, i, peers, self.spin_us))
         for peer in self.peers:
-            answer = peer.conn.recv_json(Kind.MESH, f"MESH from {peer.node_id}",
-                                         timeout_s=self.timeout_s * (len(self.peers) + 1))
-            if answer.get("links") != len(self.peers):
-                raise ClusterError(f"node {peer.node_id} linked to {answer.get('links')} nodes, "
+            answer = peer.conn.recv_message(MeshAnswer, f"MESH from {peer.node_id}",
+                                            timeout_s=self.timeout_s * (len(self.peers) + 1))
+            if answer.links != len(self.peers):
+                raise ClusterError(f"node {peer.node_id} linked to {answer.links} nodes, "
                                    f"expected {len(self.peers)}")
 
-    def _loaded(self, peer: Peer) -> dict:
+    def _loaded(self, peer: Peer) -> Loaded:
         """The worker's LOADED, or its reasoned rejection of the slice (PlanRejected)."""
         kind, length = peer.conn.recv_header(f"LOADED from {peer.node_id}", timeout_s=None)
-        answer = peer.conn._json(length, "LOADED")
-        if kind == Kind.ERROR and "reject" in answer:
-            r = answer["reject"]
-            raise PlanRejected(answer.get("message", ""), peer.node_id,
-                               int(r["available_bytes"]), int(r["needed_bytes"]))
         if kind == Kind.ERROR:
-            raise ClusterError(f"node {peer.node_id}: {answer.get('message')}")
+            error = peer.conn.read_message(ErrorReport, length)
+            if error.reject is not None:
+                raise PlanRejected(error.message, peer.node_id, error.reject.available_bytes,
+                                   error.reject.needed_bytes)
+            raise ClusterError(f"node {peer.node_id}: {error.message}")
         if kind != Kind.LOADED:
             raise ClusterError(f"node {peer.node_id}: expected LOADED, got {kind.name}")
-        return answer
+        return peer.conn.read_message(Loaded, length)
 
     # ---- serve ---------------------------------------------------------------------
     def generate(self, prompt, max_tokens, sampler, stop_ids=(), vocab_limit=None):
@@ -253,8 +251,8 @@ class ClusterRoot:
         """node_id -> SyncStats.to_dict() of every node, the root's included."""
         out = {self.reports[0].node_id: self.sync.stats.to_dict()}
         for peer in self.peers:
-            peer.conn.send_json(Kind.STATS, {"reset": reset})
-            out[peer.node_id] = peer.conn.recv_json(Kind.STATS, "STATS")
+            peer.conn.send_message(StatsRequest(reset))
+            out[peer.node_id] = peer.conn.recv_message(StatsReport).to_payload()
         if reset:
             self.sync.stats.reset()
         return out

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Optional
 
-from dllama_node.cluster.protocol import CHUNK_HEADER, Connection, Kind
+from dllama_node.cluster.protocol import CHUNK_HEADER, Connection, Kind, ManifestText, Need
 from dllama_node.cluster.slice_cache import SliceCache
 from dllama_node.cluster.slices import SliceManifest, iter_chunks, slice_manifest
 from dllama_node.common.errors import ClusterError, ProtocolError
@@ -27,9 +27,8 @@ def fetch_slice(conn: Connection, cache: SliceCache,
                 progress: Optional[Callable[[int, int], None]] = None) -> tuple:
     """Worker side: (path of the verified slice file, bytes streamed).
     progress(bytes_written, bytes_total) while the slice streams."""
-    conn.send_json(Kind.NEED, {"what": "manifest"})
-    manifest = SliceManifest.from_json(conn._json(conn.expect(Kind.MANIFEST, "MANIFEST"),
-                                                  "MANIFEST").get("manifest"))
+    conn.send_message(Need("manifest"))
+    manifest = SliceManifest.from_json(conn.recv_message(ManifestText).manifest)
     path = cache.lookup(manifest)
     if path:
         log.info("slice %s found in the cache", manifest.digest[:12])
@@ -40,7 +39,7 @@ def fetch_slice(conn: Connection, cache: SliceCache,
             names = writer.missing()
             if not names:
                 break
-            conn.send_json(Kind.NEED, {"what": "tensors", "names": names})
+            conn.send_message(Need("tensors", tuple(names)))
             refused = []
             while True:
                 kind, length = conn.recv_header("CHUNK")
@@ -78,12 +77,12 @@ def serve_slice(conn: Connection, model, spec, node_id: str,
         if kind != Kind.NEED:
             conn.pushback = (kind, length)
             return sent
-        need = conn._json(length, "NEED")
-        if need.get("what") == "manifest":
+        need = conn.read_message(Need, length)
+        if need.what == "manifest":
             manifest = manifest or slice_manifest(model, spec)
-            conn.send_json(Kind.MANIFEST, {"manifest": manifest.to_json()})
-        elif need.get("what") == "tensors" and manifest is not None:
-            names = list(need.get("names") or [])
+            conn.send_message(ManifestText(manifest.to_json()))
+        elif need.what == "tensors" and manifest is not None:
+            names = list(need.names or ())
             total = sum(manifest.tensor(n).nbytes for n in names)
             done = 0
             for name, offset, data in iter_chunks(model, manifest, names):
@@ -95,4 +94,4 @@ def serve_slice(conn: Connection, model, spec, node_id: str,
                     progress(node_id, done, total)
             conn.send(Kind.CHUNK_END)
         else:
-            raise ProtocolError(f"node {node_id}: NEED {need!r} is not understood")
+            raise ProtocolError(f"node {node_id}: NEED of tensors before NEED of the manifest")

@@ -25,8 +25,10 @@ import time
 from typing import Optional
 
 
-from dllama_node.cluster.protocol import (FORWARD_HEADER, PROTOCOL_VERSION, Connection, Kind,
-                                          DEFAULT_TIMEOUT_S)
+from dllama_node.cluster.protocol import (FORWARD_HEADER, PROTOCOL_VERSION, Assign, Auth,
+                                          Connection, DEFAULT_TIMEOUT_S, ErrorReport, Hello,
+                                          Kind, Loaded, MeshAnswer, MeshPeer, MeshRequest,
+                                          Rejection, StatsReport, StatsRequest, Welcome)
 from dllama_node.cluster.auth import (INITIATOR, RESPONDER, AuthenticationError, Handshake,
                                       read_key)
 from dllama_node.cluster.sync_tcp import NodeFailure, Peer, WorkerMeshSync, WorkerSync
@@ -42,28 +44,23 @@ class LoadedSlice:
 
     rss_before = 0           # the process's RSS before this slice loaded
 
-    def __init__(self, key: str, model, transformer, load_s: float):
+    def __init__(self, key: tuple, model, transformer, load_s: float):
         self.key, self.model, self.transformer, self.load_s = key, model, transformer, load_s
 
     def close(self) -> None:
         self.model.close()
 
 
-def _assignment_key(a: dict) -> str:
-    return repr((a["model_identity"], a["model_size"], sorted(a["slice"].items()), a["seq_len"],
-                 a["batch"], a["threads"], a["wire"]))
-
-
-def _own_copy(a: dict):
+def _own_copy(a: Assign):
     """This node's copy of the root's model file, or None (then the root streams it)."""
     from dllama_node.cluster.slices import model_identity
     from dllama_node.model import open_model
 
-    path = a.get("model_path")
+    path = a.model_path
     if not path or not os.path.exists(path):
         return None
     model = open_model(path)
-    if model.file_size == a["model_size"] and model_identity(model) == a["model_identity"]:
+    if model.file_size == a.model_size and model_identity(model) == a.model_identity:
         return model
     log.warning("model %s here is not the root's (%d bytes, identity differs): streaming the "
                 "slice instead", path, model.file_size)
@@ -71,7 +68,7 @@ def _own_copy(a: dict):
     return None
 
 
-def load_assignment(a: dict, conn: Connection, cache, progress=None) -> LoadedSlice:
+def load_assignment(a: Assign, conn: Connection, cache, progress=None) -> LoadedSlice:
     """Load the slice: from this node's copy of the model when it has the root's file,
     else from the slice cache, else streamed from the root into the cache.
     progress(phase, bytes_done, bytes_total), phase "streaming" or "reading"."""
@@ -80,10 +77,9 @@ def load_assignment(a: dict, conn: Connection, cache, progress=None) -> LoadedSl
     from dllama_node.cluster.transfer import fetch_slice
     from dllama_node.engine.forward import Transformer
     from dllama_node.engine.load import load_weights
-    from dllama_node.model.tensors import SliceSpec
 
     t0 = time.perf_counter()
-    spec = SliceSpec.from_dict(a["slice"])
+    spec = a.slice
     def phase(name):
         return (lambda done, total: progress(name, done, total)) if progress else None
     model = _own_copy(a)
@@ -98,13 +94,13 @@ def load_assignment(a: dict, conn: Connection, cache, progress=None) -> LoadedSl
         reading = phase("reading")
         weights = load_weights(model, spec, progress=reading) if source == "file" \
             else slice_weights(model, spec, progress=reading)
-        wire = check_wire(a["wire"], model.config.dim)
-        sync = WorkerSync(conn, model.config.dim, a["batch"], wire)
-        transformer = Transformer(weights, a["seq_len"], a["threads"], a["batch"], sync)
+        wire = check_wire(a.wire, model.config.dim)
+        sync = WorkerSync(conn, model.config.dim, a.batch, wire)
+        transformer = Transformer(weights, a.seq_len, a.threads, a.batch, sync)
     except BaseException:
         model.close()
         raise
-    loaded = LoadedSlice(_assignment_key(a), model, transformer, time.perf_counter() - t0)
+    loaded = LoadedSlice(a.load_key, model, transformer, time.perf_counter() - t0)
     loaded.source, loaded.streamed_bytes = source, streamed
     return loaded
 
@@ -129,7 +125,7 @@ class Worker:
         self.listener = socket.create_server((host, port), reuse_port=False)
         self.address = "%s:%d" % self.listener.getsockname()[:2]
         self.loaded: Optional[LoadedSlice] = None
-        self.assignment: dict = {}
+        self.assignment: Optional[Assign] = None
         self.root_id = ""
 
     def serve_forever(self) -> None:
@@ -148,7 +144,7 @@ class Worker:
             except DllamaError as e:
                 log.error("session with root %s failed: %s", conn.peer, e)
                 try:
-                    conn.send_json(Kind.ERROR, {"message": f"node {self.node_id}: {e}"})
+                    conn.send_message(ErrorReport(f"node {self.node_id}: {e}"))
                 except ClusterError:
                     pass
             finally:
@@ -156,17 +152,17 @@ class Worker:
 
     def session(self, conn: Connection) -> None:
         # nothing is handled before the root has proven it holds the cluster key
-        hello = conn.recv_json(Kind.HELLO, "HELLO")
+        hello = conn.recv_message(Hello)
         hs = Handshake(self.key, RESPONDER, self.cluster, self.node_id)
-        conn.send_json(Kind.WELCOME, {"version": PROTOCOL_VERSION, "pid": os.getpid(),
-                                      **hs.answer(hello, conn.peer)})
+        conn.send_message(Welcome(version=PROTOCOL_VERSION, pid=os.getpid(),
+                                  **hs.answer(hello.handshake_fields(), conn.peer)))
         try:
-            auth = conn.recv_json(Kind.AUTH, "AUTH")
+            auth = conn.recv_message(Auth)
         except ClusterError as e:
             raise AuthenticationError(f"peer {conn.peer} did not prove it holds this cluster's "
                                       f"key ({e})") from None
-        hs.finish(auth)
-        self.root_id = str(hello.get("node_id"))
+        hs.finish(auth.to_payload())
+        self.root_id = hello.node_id
         log.info("root %s connected (node id %s)", conn.peer, self.root_id)
         try:
             self._serve(conn)
@@ -178,16 +174,16 @@ class Worker:
         while True:
             kind, length = conn.recv_header("the next request", timeout_s=None)
             if kind == Kind.ASSIGN:
-                self.assign(conn, conn._json(length, "ASSIGN"))
+                self.assign(conn, conn.read_message(Assign, length))
             elif kind == Kind.FORWARD:
                 self.forward(conn, length)
             elif kind == Kind.MESH:
-                self.mesh(conn, conn._json(length, "MESH"))
+                self.mesh(conn, conn.read_message(MeshRequest, length))
             elif kind == Kind.STATS:
-                request = conn._json(length, "STATS")
+                request = conn.read_message(StatsRequest, length)
                 stats = self.loaded.transformer.sync.stats if self.loaded else None
-                conn.send_json(Kind.STATS, stats.to_dict() if stats else {})
-                if stats and request.get("reset"):
+                conn.send_message(StatsReport(**stats.to_dict()) if stats else StatsReport())
+                if stats and request.reset:
                     stats.reset()
             elif kind == Kind.BYE:
                 conn.recv_bytes(length, "BYE")
@@ -196,12 +192,12 @@ class Worker:
             else:
                 raise ProtocolError(f"node {conn.peer}: unexpected {kind.name} between steps")
 
-    def _recheck(self, conn: Connection, a: dict, key: str) -> bool:
+    def _recheck(self, conn: Connection, a: Assign, key: tuple) -> bool:
         """Does the slice still fit what this node has now? If not, say so with the numbers."""
         from dllama_node.common.memory import read_memory
         from dllama_node.common.units import format_mib
 
-        needed = int(a.get("planned_bytes") or 0)
+        needed = a.planned_bytes
         if not needed or (self.loaded is not None and self.loaded.key == key):
             return True
         freed = 0        # what dropping the slice held now gives back: its resident part
@@ -215,12 +211,11 @@ class Worker:
         message = (f"node {self.node_id} rejects its slice: it needs {format_mib(needed)}, "
                    f"{format_mib(available)} is available now")
         log.warning("%s", message)
-        conn.send_json(Kind.ERROR, {"message": message, "reject": {
-            "node_id": self.node_id, "available_bytes": available, "needed_bytes": needed}})
+        conn.send_message(ErrorReport(message, reject=Rejection(self.node_id, available, needed)))
         return False
 
-    def assign(self, conn: Connection, a: dict) -> None:
-        key = _assignment_key(a)
+    def assign(self, conn: Connection, a: Assign) -> None:
+        key = a.load_key
         if not self._recheck(conn, a, key):
             return
         if self.on_assigned is not None:
@@ -229,7 +224,7 @@ class Worker:
             if self.loaded is not None:
                 self.loaded.close()
                 self.loaded = None
-            log.info("loading slice %s of %s", a["slice"], a["model_path"])
+            log.info("loading slice %s of %s", a.slice.to_dict(), a.model_path)
             rss_before = current_rss_bytes()
             try:
                 self.loaded = load_assignment(a, conn, self.cache, self.on_progress)
@@ -245,12 +240,12 @@ class Worker:
         t = self.loaded.transformer
         self.assignment = a
         # the star until the root sends MESH; a new root gets a new synchronizer
-        t.sync = WorkerSync(conn, t.cfg.dim, t.batch, a["wire"])
-        conn.send_json(Kind.LOADED, {
-            "node_id": self.node_id, "source": self.loaded.source,
-            "streamed_bytes": self.loaded.streamed_bytes, "weights_bytes": t.w.nbytes(),
-            "kv_cache_bytes": t.cache.nbytes, "rss_bytes": current_rss_bytes(),
-            "load_s": round(self.loaded.load_s, 3)})
+        t.sync = WorkerSync(conn, t.cfg.dim, t.batch, a.wire)
+        conn.send_message(Loaded(
+            node_id=self.node_id, source=self.loaded.source,
+            streamed_bytes=self.loaded.streamed_bytes, weights_bytes=t.w.nbytes(),
+            kv_cache_bytes=t.cache.nbytes, rss_bytes=current_rss_bytes(),
+            load_s=round(self.loaded.load_s, 3)))
 
     def forward(self, conn: Connection, length: int) -> None:
         if self.loaded is None:
@@ -270,10 +265,9 @@ class Worker:
         except NodeFailure as failure:
             if failure.node_id != self.root_id:     # another worker: tell the root which
                 try:
-                    conn.send_json(Kind.ERROR, {
-                        "message": failure.cause, "failed_node": failure.node_id,
-                        "position": failure.position, "layer": failure.layer,
-                        "phase": failure.phase})
+                    conn.send_message(ErrorReport(
+                        failure.cause, failed_node=failure.node_id,
+                        position=failure.position, layer=failure.layer, phase=failure.phase))
                 except ClusterError:
                     pass
             raise
@@ -281,19 +275,16 @@ class Worker:
         t.sync.stats.steps += 1
 
     # ---- the mesh ------------------------------------------------------------------
-    def mesh(self, conn: Connection, m: dict) -> None:
+    def mesh(self, conn: Connection, m: MeshRequest) -> None:
         """Build this node's links to the other workers (cluster/protocol.py, MESH): connect
         to those before it at the addresses the root was given, accept those after it on
         this node's listener, each authenticated; then answer MESH. A failure is told to
         the root (ERROR), which gives up this start."""
         if self.loaded is None:
             raise ProtocolError(f"node {conn.peer}: MESH before ASSIGN")
-        try:
-            index, session = int(m["index"]), str(m["session"])
-            peers = {int(p["index"]): p for p in m["peers"]}
-        except (KeyError, TypeError, ValueError) as e:
-            raise ProtocolError(f"node {conn.peer}: MESH without a valid {e}") from None
-        if index < 1 or peers.get(index, {}).get("auth_id") != self.node_id:
+        index, session = m.index, m.session
+        peers = {p.index: p for p in m.peers}
+        if index not in peers or peers[index].auth_id != self.node_id:
             raise ProtocolError(f"node {conn.peer}: MESH gives this node ({self.node_id}) "
                                 f"index {index}, which names {peers.get(index)}")
         links = [None] * (len(peers) + 1)
@@ -308,32 +299,31 @@ class Worker:
                 if link is not None:
                     link.conn.close()
             log.error("node %s could not join the mesh: %s", self.node_id, e)
-            conn.send_json(Kind.ERROR, {"message": f"node {self.node_id} could not join the "
-                                                   f"mesh: {e}"})
+            conn.send_message(ErrorReport(f"node {self.node_id} could not join the mesh: {e}"))
             return
         t = self.loaded.transformer
         t.sync.close()
-        t.sync = WorkerMeshSync(links, index, t.cfg.dim, t.batch, self.assignment["wire"],
-                                int(m.get("spin_us", 0)))
+        t.sync = WorkerMeshSync(links, index, t.cfg.dim, t.batch, self.assignment.wire,
+                                m.spin_us)
         log.info("mesh: node %d of %d, linked to %s", index, len(links),
                  ", ".join(link.node_id for link in links if link is not None))
-        conn.send_json(Kind.MESH, {"links": len(links) - 1})
+        conn.send_message(MeshAnswer(len(links) - 1))
 
-    def _connect_peer(self, p: dict, session: str, index: int) -> Peer:
-        c = Connection.connect(p["host"], int(p["port"]), self.timeout_s)
+    def _connect_peer(self, p: MeshPeer, session: str, index: int) -> Peer:
+        c = Connection.connect(p.host, p.port, self.timeout_s)
         try:
             hs = Handshake(self.key, INITIATOR, self.cluster, self.node_id)
-            c.send_json(Kind.HELLO, {"version": PROTOCOL_VERSION, "mesh": session,
-                                     "index": index, **hs.offer()})
-            welcome = c.recv_json(Kind.WELCOME, "WELCOME")
-            if welcome.get("node_id") != p["auth_id"]:
-                raise AuthenticationError(f"{c.peer} answers as node {welcome.get('node_id')}, "
-                                          f"the root knows node {p['auth_id']} there")
-            c.send_json(Kind.AUTH, hs.confirm(welcome, c.peer))
+            c.send_message(Hello(version=PROTOCOL_VERSION, mesh=session, index=index,
+                                 **hs.offer()))
+            welcome = c.recv_message(Welcome)
+            if welcome.node_id != p.auth_id:
+                raise AuthenticationError(f"{c.peer} answers as node {welcome.node_id}, "
+                                          f"the root knows node {p.auth_id} there")
+            c.send_message(Auth(**hs.confirm(welcome.handshake_fields(), c.peer)))
         except BaseException:
             c.close()
             raise
-        return Peer(p["node_id"], c)
+        return Peer(p.node_id, c)
 
     def _accept_peers(self, expected: dict, session: str, links: list) -> None:
         """Accept the workers after this one; anything else that connects meanwhile is
@@ -342,8 +332,7 @@ class Worker:
         while expected:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                names = ", ".join(f"{p['node_id']} ({p['host']}:{p['port']})"
-                                  for p in expected.values())
+                names = ", ".join(f"{p.node_id} ({p.host}:{p.port})" for p in expected.values())
                 raise ClusterError(f"node {self.node_id}: no connection from {names} in "
                                    f"{self.timeout_s:.1f} s")
             self.listener.settimeout(remaining)
@@ -355,21 +344,21 @@ class Worker:
                 self.listener.settimeout(None)
             c = Connection(sock, "%s:%d" % addr[:2], self.timeout_s)
             try:
-                hello = c.recv_json(Kind.HELLO, "HELLO")
-                j = hello.get("index")
-                if (hello.get("mesh") != session or not isinstance(j, int) or j not in expected
-                        or hello.get("node_id") != expected[j]["auth_id"]):
-                    raise ProtocolError(f"peer {c.peer} (node {hello.get('node_id')}, index "
+                hello = c.recv_message(Hello)
+                j = hello.index
+                if (hello.mesh != session or j not in expected
+                        or hello.node_id != expected[j].auth_id):
+                    raise ProtocolError(f"peer {c.peer} (node {hello.node_id}, index "
                                         f"{j}) is not a node this mesh waits for")
                 hs = Handshake(self.key, RESPONDER, self.cluster, self.node_id)
-                c.send_json(Kind.WELCOME, {"version": PROTOCOL_VERSION, "pid": os.getpid(),
-                                           **hs.answer(hello, c.peer)})
-                hs.finish(c.recv_json(Kind.AUTH, "AUTH"))
+                c.send_message(Welcome(version=PROTOCOL_VERSION, pid=os.getpid(),
+                                       **hs.answer(hello.handshake_fields(), c.peer)))
+                hs.finish(c.recv_message(Auth).to_payload())
             except ClusterError as e:
                 log.warning("refused peer %s while building the mesh: %s", c.peer, e)
                 c.close()
                 continue
-            links[j] = Peer(expected.pop(j)["node_id"], c)
+            links[j] = Peer(expected.pop(j).node_id, c)
 
 
 def main(argv=None) -> None:

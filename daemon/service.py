@@ -103,17 +103,17 @@ class NodeService:
                              on_assigned=self._assigned, on_progress=self._worker_progress)
         self.port = port or int(self.worker.address.rpartition(":")[2])
 
-    def _assigned(self, a: dict) -> None:
-        """A root gave this node a slice: the run record says so (a later OOM kill is then
-        reported with what the slice needed and what a shorter context would save)."""
-        cfg = a.get("config") or {}
-        kv_dim = (a["slice"]["kv_heads"][1] - a["slice"]["kv_heads"][0]) * int(cfg.get("head_dim", 0))
-        self.run_record.update(phase="loading", planned_bytes=int(a.get("planned_bytes") or 0),
+    def _assigned(self, a) -> None:
+        """A root gave this node a slice (a cluster/protocol.py Assign): the run record says
+        so (a later OOM kill is then reported with what the slice needed and what a shorter
+        context would save)."""
+        kv_dim = a.slice.n_kv_heads * a.config.head_dim
+        self.run_record.update(phase="loading", planned_bytes=a.planned_bytes,
                                available_bytes=self.capacity.available_ram_bytes,
-                               max_seq_len=int(a.get("seq_len") or 0),
-                               kv_bytes_per_token=2 * int(cfg.get("n_layers", 0)) * kv_dim
+                               max_seq_len=a.seq_len,
+                               kv_bytes_per_token=2 * a.config.n_layers * kv_dim
                                * KVCache.BYTES_PER_VALUE)
-        self.loading.begin(self.config.node_id, str(a.get("load_id") or ""), 0)
+        self.loading.begin(self.config.node_id, a.load_id, 0)
 
     def _worker_progress(self, phase: str, done: int, total: int) -> None:
         me = self.config.node_id
