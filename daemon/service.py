@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 from dllama_node.cluster.auth import read_key
 from dllama_node.cluster.root import ClusterRoot, PlanRejected, WorkerAddress
@@ -70,6 +70,7 @@ class NodeService:
         self.refused: Dict[str, str] = {}    # instance -> why (wrong key): left out of plans
         self.verified: set = set()           # instances that proved they hold the key
         self.probing: set = set()
+        self.tasks: Set[asyncio.Task] = set()  # key probes, reports: cancelled at stop
         self.locked_bytes: Optional[int] = None  # of its slice locked in RAM; None: not tried
         self.control_port = 0
         self.http_port = 0
@@ -218,12 +219,29 @@ class NodeService:
                         pass
             finally:
                 systemd.stopping("stopping")
+                await self._cancel_tasks()
                 await control.stop()
                 await forward_server.stop()
                 if api is not None:
                     await api.stop()
                 await loop.run_in_executor(None, self._close_root)
                 self.run_record.finish()
+
+    def _spawn(self, coro, name: str) -> asyncio.Task:
+        """Run coro on the loop as a task this service keeps until it ends, so that
+        stopping can cancel it and wait for it (python-zeroconf's rule: no task is left
+        to the garbage collector or to outlive the loop)."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def _cancel_tasks(self) -> None:
+        """Cancel every task of this service and wait until each has ended."""
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.tasks.clear()
 
     async def _start_api(self):
         """The OpenAI-compatible HTTP API on every node; it generates only on the root (the
@@ -333,7 +351,7 @@ class NodeService:
             if a.instance not in self.verified and a.instance not in self.refused \
                     and a.instance not in self.probing:
                 self.probing.add(a.instance)
-                asyncio.get_running_loop().create_task(self._probe(a))
+                self._spawn(self._probe(a), f"probe {a.node_id}")
         plan = self.root.plan if self.root is not None and self.root.plan else None
         planned = {n.node_id: n.memory.total for n in plan.nodes} if plan else {}
         old_root = self.election.root_id
@@ -347,7 +365,7 @@ class NodeService:
                                   planned_bytes=v.planned_bytes)
         for r in changes.returned:
             if old_root == me:
-                asyncio.get_running_loop().create_task(self._journal_return(r))
+                self._spawn(self._journal_return(r), f"report of {r.advert.node_id}")
 
     async def _journal_return(self, r) -> None:
         """A node came back after a bad exit: ask it for its whole report (the advert holds

@@ -127,3 +127,52 @@ def test_single_daemon_serves_and_stops_cleanly(tmp_path):
     assert "READY=1" in text and "STATUS=serving" in text and "WATCHDOG=1" in text
     assert "STOPPING=1" in text
     assert not os.path.exists(ctl)            # the control socket is removed on stop
+
+
+def test_stopping_the_service_cancels_and_awaits_its_tasks(tmp_path, monkeypatch):
+    """In process: a peer's key probe that never answers is still running when the service
+    stops; stopping cancels it and waits for it, and no task of the service is left."""
+    import asyncio
+
+    from dllama_node.daemon import service as service_module
+    from dllama_node.daemon.config import DaemonConfig
+    from dllama_node.discovery.txt import NodeAdvert
+
+    key = str(tmp_path / "cluster.key")
+    write_key(key, generate_key())
+    config = DaemonConfig(node_id="solo", listen=f"127.0.0.1:{_free_port()}",
+                          control_socket=str(tmp_path / "ctl.sock"),
+                          state_dir=str(tmp_path / "state"), key_file=key, mdns=False,
+                          interfaces=("127.0.0.1",), http_listen="off", lock_memory=False,
+                          nice=0)
+    peer = NodeAdvert(node_id="silent", cluster="default", port=1, heartbeat_port=1,
+                      address="127.0.0.1", control_port=1, instance="feed")
+    probing = []
+
+    async def never_answers(*args, **kw):
+        probing.append(asyncio.current_task())
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(service_module, "forward", never_answers)
+    monkeypatch.setattr(service_module, "SETTLE_S", 0.0)
+
+    async def until(condition, timeout_s=30.0):
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not condition():
+            assert asyncio.get_running_loop().time() < deadline, "timed out"
+            await asyncio.sleep(0.02)
+
+    async def scenario():
+        node = service_module.NodeService(config)
+        run = asyncio.create_task(node.run())
+        await until(lambda: node.discovery is not None)
+        node.discovery.peers = lambda: [peer]
+        await until(lambda: probing)
+        assert probing[0] in node.tasks and probing[0].get_name() == "probe silent"
+        node.stopping.set()
+        await asyncio.wait_for(run, 30)
+        assert probing[0].cancelled()
+        assert node.tasks == set()
+        assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+
+    asyncio.run(scenario())
