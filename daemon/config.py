@@ -156,3 +156,16 @@ def load_config(path: Optional[str] = None, env: Optional[Mapping[str, str]] = N
     config.listen_host_port  # validates
     config.http_host_port
     return config
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    """Where the daemon's configuration comes from: the file (None: the default path) and
+    the command line's flags, those given only (the environment is read at each load).
+    The service keeps it to reload from the same place on SIGHUP."""
+
+    path: Optional[str] = None
+    flags: Mapping[str, object] = field(default_factory=dict)
+
+    def load(self, env: Optional[Mapping[str, str]] = None) -> DaemonConfig:
+        return load_config(self.path, env, self.flags)

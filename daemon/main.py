@@ -92,18 +92,17 @@ def cli(check, as_json, config_path, verbose, **flags) -> None:
         click.echo(json.dumps(report)) if as_json else print_report(report)
         return
     from dllama_node.daemon import journal
-    from dllama_node.daemon.config import load_config
+    from dllama_node.daemon.config import ConfigSource
     from dllama_node.daemon.service import NodeService
 
     flags = {k: v for k, v in flags.items() if v not in (None, (), False) or k == "mdns"}
     if flags.get("mdns") is None:
         flags.pop("mdns", None)
     try:
-        config = load_config(config_path, flags=flags)
+        source = ConfigSource(config_path, flags)
+        config = source.load()
         journal.setup_logging(config.node_id, logging.DEBUG if verbose else logging.INFO)
-        service = NodeService(config)
-        service._config_path, service._flags = config_path, flags
-        asyncio.run(service.run())
+        asyncio.run(NodeService(config, source).run())
     except DllamaError as e:
         logging.getLogger("dllama_node.node").error("%s", e)
         click.echo(f"dllama-node: error: {e}", err=True)

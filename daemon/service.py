@@ -24,7 +24,7 @@ from dllama_node.cluster.worker import Worker
 from dllama_node.common.errors import ClusterError, DllamaError, UsageError
 from dllama_node.daemon import journal, systemd
 from dllama_node.daemon.capacity import measure_capacity
-from dllama_node.daemon.config import DaemonConfig
+from dllama_node.daemon.config import ConfigSource, DaemonConfig
 from dllama_node.daemon.control import ControlServer
 from dllama_node.daemon.election import Action, ElectionState, PeerView, decide
 from dllama_node.daemon.forward import ForwardServer, forward
@@ -52,8 +52,12 @@ def capacity_of(advert: NodeAdvert) -> NodeCapacity:
 
 
 class NodeService:
-    def __init__(self, config: DaemonConfig):
+    """config: the settings it starts with; source: where they came from (the file and
+    the flags), reloaded on SIGHUP."""
+
+    def __init__(self, config: DaemonConfig, source: Optional[ConfigSource] = None):
         self.config = config
+        self.source = source or ConfigSource()
         self.state = "starting"
         self.election = ElectionState()
         self.root: Optional[ClusterRoot] = None
@@ -290,11 +294,10 @@ class NodeService:
         self.reload_requested = True
 
     def _reload(self) -> None:
-        from dllama_node.daemon.config import load_config
         self.reload_requested = False
         systemd.reloading("reloading configuration")
         try:
-            new = load_config(self._config_path, flags=self._flags)
+            new = self.source.load()
         except UsageError as e:
             log.error("reload refused: %s", e)
         else:
@@ -302,9 +305,6 @@ class NodeService:
             self.members = ()       # re-plan with the new settings
             log.info("configuration reloaded")
         systemd.ready(self.state)
-
-    _config_path: Optional[str] = None
-    _flags: dict = {}
 
     # ---- election and planning -------------------------------------------------------
     def _views(self, now: float) -> List[PeerView]:

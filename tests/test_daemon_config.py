@@ -37,3 +37,45 @@ def test_bad_settings_name_the_file_and_the_value(tmp_path, text, words):
 
 def test_missing_file_is_the_defaults(tmp_path):
     assert read_file(str(tmp_path / "none.conf")) == {}
+
+
+def test_dllama_node_hands_the_service_its_config_and_where_it_came_from(tmp_path, monkeypatch):
+    # the translation only: flags given -> ConfigSource -> NodeService(config, source)
+    from click.testing import CliRunner
+
+    from dllama_node.daemon import journal, main, service
+    from dllama_node.daemon.config import ConfigSource
+
+    made = []
+
+    class Recorder:
+        def __init__(self, config, source):
+            made.append((config, source))
+
+        async def run(self):
+            pass
+
+    monkeypatch.setattr(service, "NodeService", Recorder)
+    monkeypatch.setattr(journal, "setup_logging", lambda *a, **k: None)
+    path = str(tmp_path / "c.conf")
+    (tmp_path / "c.conf").write_text("model = /a.gguf\n")
+    result = CliRunner().invoke(main.cli, ["--config", path, "--node-id", "n1", "--no-mdns",
+                                           "--threads", "2"], env={})
+    assert result.exit_code == 0, result.output
+    [(config, source)] = made
+    assert source == ConfigSource(path, {"node_id": "n1", "mdns": False, "threads": 2})
+    assert (config.node_id, config.mdns, config.threads, config.model) == ("n1", False, 2,
+                                                                           "/a.gguf")
+
+
+def test_reload_reads_the_same_file_and_flags_again(tmp_path):
+    from dllama_node.daemon.config import ConfigSource
+    from dllama_node.daemon.service import NodeService
+
+    p = tmp_path / "c.conf"
+    p.write_text("wire = q8_0\nthreads = 2\n")
+    source = ConfigSource(str(p), {"node_id": "n1", "threads": 3})
+    node = NodeService(source.load(env={}), source)
+    p.write_text("wire = f32\nthreads = 2\n")
+    node._reload()
+    assert (node.config.wire, node.config.threads, node.config.node_id) == ("f32", 3, "n1")
