@@ -1,6 +1,6 @@
 """The cluster's all-reduce topologies side by side, in one run: star (through the root)
 against mesh (every node to every node). The mesh is the product's only all-reduce; the
-star stays as this benchmark's baseline (LocalCluster(sync="star")), chosen nowhere else.
+star stays as this benchmark's baseline (bench/star_sync.py), in the product nowhere.
 
     .venv/bin/python bench/compare_sync.py [--model PATH] [--nodes 2] [--threads 1]
         [--prompt-tokens 128] [--gen-tokens 128] [--wire q8_0] [--rounds 2]
@@ -31,8 +31,10 @@ import sys
 import numpy as np
 
 from dllama_node.cluster.local import LocalCluster
+from dllama_node.cluster.root import ClusterRoot
 from dllama_node.cluster.run_options import DEFAULT_SPIN_US, RunOptions
 from dllama_node.engine.sampler import Sampler, SamplerSettings
+from star_sync import StarRoot          # bench/star_sync.py, beside this script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL = os.path.join(ROOT, ".cache", "tinyllama-1.1b-q4_0.gguf")
@@ -61,7 +63,8 @@ def measure(model: str, nodes: int, threads: int, prompt_tokens: int, gen_tokens
     greedy = Sampler(SamplerSettings(temperature=0))
     cluster = LocalCluster(RunOptions(model, threads=threads, max_seq_len=prompt_tokens
                                       + gen_tokens + 1, nodes=nodes, wire=wire,
-                                      load_tokenizer=False, sync=sync, spin_us=spin_us))
+                                      load_tokenizer=False, spin_us=spin_us),
+                           root_class=StarRoot if sync == "star" else ClusterRoot)
     pids = [os.getpid()] + [p.pid for p in cluster.processes]
     with cluster as root:
         root.start()

@@ -19,8 +19,8 @@ from dllama_node.engine.weights import NodeWeights
 
 
 class _Exchange:
-    def __init__(self, n: int, wire: str, sync: str):
-        self.n, self.wire, self.sync = n, wire, sync
+    def __init__(self, n: int, wire: str):
+        self.n, self.wire = n, wire
         self.barrier = threading.Barrier(n, timeout=60)
         self.parts: List[np.ndarray] = [None] * n
         self.result = None
@@ -28,7 +28,7 @@ class _Exchange:
     def all_reduce(self, index: int, buf: np.ndarray) -> None:
         self.parts[index] = buf.copy()
         if self.barrier.wait() == 0:
-            self.result = reduce_parts(self.parts, self.wire, self.sync)
+            self.result = reduce_parts(self.parts, self.wire)
         self.barrier.wait()
         buf[...] = self.result
         self.barrier.wait()
@@ -59,12 +59,12 @@ class InProcessCluster:
     """Quacks like a Transformer (forward, batch, seq_len), so a Session can drive it.
 
     weights: one NodeWeights per node, node 0 the root; their vocab_rows must tile the
-    vocabulary in node order (the planner's ranges do). sync: the arithmetic of the
-    "mesh" or the "star" runtime (cluster/wire.py)."""
+    vocabulary in node order (the planner's ranges do). The all-reduce is the mesh's
+    arithmetic (cluster/wire.py)."""
 
     def __init__(self, weights: Sequence[NodeWeights], seq_len: int, batch: int = 16,
-                 wire: str = "q8_0", kernels=None, sync: str = "mesh"):
-        self.exchange = _Exchange(len(weights), wire, sync)
+                 wire: str = "q8_0", kernels=None):
+        self.exchange = _Exchange(len(weights), wire)
         self.nodes = [Transformer(w, seq_len, 1, batch, _FakeSync(self.exchange, i), kernels)
                       for i, w in enumerate(weights)]
         self.seq_len, self.batch = seq_len, batch

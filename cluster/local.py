@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from typing import List, Optional
+from typing import List, Optional, Sequence, Type
 
 from dllama_node.cluster.auth import generate_key, write_key
 from dllama_node.cluster.planning import local_capacities
@@ -18,9 +18,11 @@ from dllama_node.common.errors import ClusterError
 
 
 def spawn_worker(node_id: str, key_file: str, timeout_s: float = 10.0, verbose: bool = False,
-                 state_dir: Optional[str] = None) -> tuple:
-    """Start one worker process on 127.0.0.1; returns (process, host, port)."""
-    cmd = [sys.executable, "-m", "dllama_node.cluster.worker", "--listen", "127.0.0.1:0",
+                 state_dir: Optional[str] = None,
+                 program: Sequence[str] = ClusterRoot.worker_program) -> tuple:
+    """Start one worker process on 127.0.0.1 (python `program`); returns (process, host,
+    port)."""
+    cmd = [sys.executable, *program, "--listen", "127.0.0.1:0",
            "--node-id", node_id, "--timeout", str(timeout_s), "--key-file", key_file]
     cmd += ["-v"] if verbose else []
     if state_dir:
@@ -37,9 +39,12 @@ def spawn_worker(node_id: str, key_file: str, timeout_s: float = 10.0, verbose: 
 
 class LocalCluster:
     """Context manager: options.nodes nodes on this machine, torn down on exit.
-    state_dir: where the workers keep their state (slice cache); None: their default."""
+    state_dir: where the workers keep their state (slice cache); None: their default.
+    root_class: the root, and through its worker_program the workers (bench/star_sync.py
+    runs its star this way)."""
 
-    def __init__(self, options: RunOptions, state_dir: Optional[str] = None):
+    def __init__(self, options: RunOptions, state_dir: Optional[str] = None,
+                 root_class: Type[ClusterRoot] = ClusterRoot):
         caps = local_capacities(options.nodes, options.threads or 1)
         self.processes: List[subprocess.Popen] = []
         # a key for this run only, readable by this user alone
@@ -51,10 +56,11 @@ class LocalCluster:
         try:
             for cap in caps[1:]:
                 proc, host, port = spawn_worker(cap.node_id, key_file, options.timeout_s,
-                                                state_dir=state_dir)
+                                                state_dir=state_dir,
+                                                program=root_class.worker_program)
                 self.processes.append(proc)
                 workers.append(WorkerAddress(host, port, cap, proc))
-            self.root = ClusterRoot(options, caps[0], workers, key)
+            self.root = root_class(options, caps[0], workers, key)
         except BaseException:
             self._stop()
             raise

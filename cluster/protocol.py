@@ -15,9 +15,8 @@ field's type and bounds on receipt (cluster/payload.py). The per-token data plan
 carries raw little-endian arrays:
 
     FORWARD  <QIB3x start_pos, n, want_logits, then x float32 (n, dim): root -> workers
-    PART     this node's partial output (n, dim), in the wire format: in the mesh (the
-             default) every node -> every other node; in the star worker -> root
-    SUM      star only: the all-reduced output (n, dim), in the wire format: root -> workers
+    PART     this node's partial output (n, dim), in the wire format: every node -> every
+             other node of the mesh
     LOGITS   this node's classifier rows of the last token, float32: worker -> root
 
 The mesh: after every worker has LOADED, the root sends each one MESH {"session",
@@ -65,7 +64,7 @@ class Kind(enum.IntEnum):
     LOADED = 4       # worker -> root: Loaded, what it measured
     FORWARD = 5
     PART = 6
-    SUM = 7
+    # 7 was SUM, the star's sum from the root (the star is bench/star_sync.py's now)
     LOGITS = 8
     ERROR = 9        # either way: ErrorReport; the sender gives up the session
     BYE = 10         # root -> worker: end of session (empty)

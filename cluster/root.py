@@ -5,8 +5,8 @@ node, the position, the layer and the cause to the client, drops the node, re-pl
 the nodes that are left, and serves the next request.
 
 The all-reduces run over a mesh: every node sends its part to every other node. The older
-star through the root (sync="star") is kept only as the baseline of bench/compare_sync.py;
-no command, option or environment variable of the product chooses it.
+star through the root lives in bench/star_sync.py, bench/compare_sync.py's baseline, which
+puts it in through link() (and the worker's unlinked_sync()).
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ from dllama_node.cluster.protocol import (PROTOCOL_VERSION, Assign, Auth, Connec
                                           MeshAnswer, MeshPeer, MeshRequest, StatsReport,
                                           StatsRequest, Welcome)
 from dllama_node.cluster.run_options import RunOptions
-from dllama_node.cluster.sync_tcp import NodeFailure, Peer, RootMeshSync, RootSync
+from dllama_node.cluster.sync_tcp import NodeFailure, Peer, RootMeshSync, RootSide
 from dllama_node.cluster.transfer import serve_slice
-from dllama_node.cluster.wire import check_sync, check_wire
+from dllama_node.cluster.wire import check_wire
 from dllama_node.common.errors import ClusterError
 from dllama_node.common.memory import current_rss_bytes
 from dllama_node.engine.forward import Transformer
@@ -76,6 +76,10 @@ class ClusterRoot:
     """Runs `options` over this node (root_capacity) and its workers. key and cluster
     are what the workers check this root by (cluster/auth.py)."""
 
+    sync_mode = "mesh"         # the all-reduce's topology, as link() builds it
+    # what a worker of this root runs on this machine (cluster/local.py), after python
+    worker_program = ("-m", "dllama_node.cluster.worker")
+
     def __init__(self, options: RunOptions, root_capacity: NodeCapacity,
                  workers: Sequence[WorkerAddress], key: bytes = b"", cluster: str = "default"):
         from dllama_node.cluster.slices import model_identity
@@ -94,7 +98,6 @@ class ClusterRoot:
         self.batch, self.timeout_s = options.batch, options.timeout_s
         self.max_seq_len, self.split = options.max_seq_len, options.split
         self.wire = check_wire(options.wire, self.model.config.dim)
-        self.sync_mode = check_sync(options.sync)     # "star": bench/compare_sync.py only
         self.spin_us = options.spin_us
         self.tokenizer = None
         if options.load_tokenizer:
@@ -104,7 +107,7 @@ class ClusterRoot:
         self.peers: List[Peer] = []
         self.plan: Optional[ShardPlan] = None
         self.session: Optional[Session] = None
-        self.sync = None                     # RootMeshSync or RootSync, after start
+        self.sync: Optional[RootSide] = None     # link()'s synchronizer, after start
         self.reports: List[NodeReport] = []
         self._auth_ids: dict = {}            # worker node id -> the id its handshake used
 
@@ -176,13 +179,7 @@ class ClusterRoot:
                 self.reports.append(NodeReport(peer.node_id, node.role, node.memory.total,
                                                r.weights_bytes, r.kv_cache_bytes, r.rss_bytes,
                                                r.load_s, r.source, streamed))
-            if self.sync_mode == "mesh":
-                self._link_mesh()
-                self.sync = RootMeshSync(self.peers, cfg.dim, self.batch, self.wire,
-                                         self.spin_us)
-            else:
-                self.sync = RootSync(self.peers, cfg.dim, self.batch, self.wire)
-            transformer.sync = self.sync
+            self.sync = transformer.sync = self.link()
             # a plan made without an asked length is as long as the nodes' memory allows
             asked = self.plan.options.max_seq_len is not None
             self.session = Session(transformer, context_advice=longer_context_advice(
@@ -195,9 +192,10 @@ class ClusterRoot:
             self.peers = []
             raise
 
-    def _link_mesh(self) -> None:
-        """Every worker links to every other (cluster/protocol.py, MESH) at the addresses
-        this root was given; each answers once its links stand."""
+    def link(self) -> RootSide:
+        """The all-reduce over the loaded workers: the mesh. Every worker links to every
+        other (cluster/protocol.py, MESH) at the addresses this root was given; each
+        answers once its links stand. bench/star_sync.py overrides this with its star."""
         session = secrets.token_hex(16)
         address = {w.node_id: w for w in self.workers}
         peers = tuple(MeshPeer(i, p.node_id, self._auth_ids[p.node_id],
@@ -211,6 +209,8 @@ class ClusterRoot:
             if answer.links != len(self.peers):
                 raise ClusterError(f"node {peer.node_id} linked to {answer.links} nodes, "
                                    f"expected {len(self.peers)}")
+        return RootMeshSync(self.peers, self.model.config.dim, self.batch, self.wire,
+                            self.spin_us)
 
     def _loaded(self, peer: Peer) -> Loaded:
         """The worker's LOADED, or its reasoned rejection of the slice (PlanRejected)."""

@@ -40,9 +40,9 @@ class RunOptions:
         cross the network (q8_0 or f32). stream_weights: workers get their slices from the
         root instead of their own copy of the file. load_tokenizer: False for runs that feed
         token ids only (bench). batch: tokens per forward step. timeout_s: how long a peer
-        may stay silent. allow_swap: plan weights into swap. sync: the all-reduce's
-        topology, "mesh"; "star" is bench/compare_sync.py's baseline only. spin_us: how
-        long a mesh node polls before it sleeps.
+        may stay silent. allow_swap: plan weights into swap. spin_us: how long a mesh
+        node polls before it sleeps (the mesh is the only all-reduce; bench/star_sync.py's
+        star is chosen by its root class, not an option).
     """
 
     model_path: str
@@ -57,7 +57,6 @@ class RunOptions:
     batch: int = 64
     timeout_s: float = DEFAULT_TIMEOUT_S
     allow_swap: bool = False
-    sync: str = "mesh"
     spin_us: int = field(default_factory=spin_us_from_environment)
 
     def __post_init__(self):

@@ -1,14 +1,12 @@
-"""The synchronizer over TCP: an all-gather mesh (the default) or a star around the root.
+"""The synchronizer over TCP: the all-gather mesh.
 
 Per forward step the root sends FORWARD (the embedded input) to every worker; at the end
 every worker sends its LOGITS rows to the root. Per layer there are two all-reduces:
-
-  mesh  every node encodes its partial output once, sends the same PART frame to every
-        other node and adds all N partials in node order (cluster/wire.py's
-        sum_parts_into): one one-way trip per all-reduce, bit-identical sums everywhere.
-        The step itself is cluster/mesh.py's MeshExchange.
-  star  each worker sends its PART to the root, which adds them in node order and sends
-        the SUM back: a round trip through the root per all-reduce.
+every node encodes its partial output once, sends the same PART frame to every other
+node and adds all N partials in node order (cluster/wire.py's sum_parts_into): one
+one-way trip per all-reduce, bit-identical sums everywhere. The step itself is
+cluster/mesh.py's MeshExchange. (The older star through the root lives on only as
+bench/compare_sync.py's baseline, bench/star_sync.py, built on RootSide and WorkerSide.)
 
 Receives are fixed-size, into buffers allocated once. Every failure is a NodeFailure that
 names the node, the position, the layer and phase, and the cause.
@@ -23,9 +21,7 @@ import numpy as np
 
 from dllama_node.cluster.mesh import MeshExchange, _LinkFailure
 from dllama_node.cluster.protocol import FORWARD_HEADER, HEADER, Connection, Kind
-from dllama_node.cluster.wire import decode, encode
-from dllama_node.common.errors import ClusterError
-from dllama_node.model import quants
+from dllama_node.common.errors import ClusterError, ProtocolError
 
 
 @dataclass
@@ -52,12 +48,6 @@ class SyncStats:
                 "bytes_received": self.bytes_received}
 
 
-def _wire_buffer(n: int, dim: int, wire: str) -> np.ndarray:
-    if wire == "f32":
-        return np.zeros((n, dim), np.float32)
-    return np.zeros((n, dim // quants.QK * quants.Q8_0_BLOCK_BYTES), np.uint8)
-
-
 @dataclass
 class Peer:
     """A worker as the root sees it."""
@@ -78,8 +68,9 @@ class NodeFailure(ClusterError):
         self.cause = cause or message
 
 
-class _RootSide:
-    """The root's FORWARD and LOGITS, and how it names a failed worker (both topologies)."""
+class RootSide:
+    """The root's FORWARD and LOGITS, and how it names a failed worker; a topology adds
+    all_reduce."""
 
     def __init__(self, peers: Sequence[Peer]):
         self.peers = list(peers)
@@ -130,7 +121,7 @@ class _RootSide:
         return None
 
 
-class RootMeshSync(_RootSide):
+class RootMeshSync(RootSide):
     """The root as node 0 of the mesh: its links are its connections to the workers,
     peers[k] being node k + 1."""
 
@@ -154,47 +145,12 @@ class RootMeshSync(_RootSide):
         self.stats.sync_s += time.perf_counter() - t
 
 
-class RootSync(_RootSide):
-    """The root as the centre of the star: receive every PART, send back the SUM."""
+class WorkerSide:
+    """A worker's LOGITS, and its all-reduce before the root has linked it to the mesh:
+    none (an all-reduce then is the root's protocol error); a topology adds all_reduce."""
 
-    def __init__(self, peers: Sequence[Peer], dim: int, batch: int, wire: str):
-        super().__init__(peers)
-        self.dim, self.wire = dim, wire
-        self.parts = [_wire_buffer(batch, dim, wire) for _ in self.peers]
-        self.sum_wire = _wire_buffer(batch, dim, wire)
-        self.scratch = np.zeros((batch, dim), np.float32)     # a decoded part
-
-    def all_reduce(self, buf: np.ndarray, layer: int, phase: str) -> None:
-        t = time.perf_counter()
-        n = buf.shape[0]
-        for peer, part in zip(self.peers, self.parts):
-            view = part[:n]
-            try:
-                length = peer.conn.expect(Kind.PART, f"PART of layer {layer} {phase}")
-                peer.conn.recv_payload_into(view, length, f"PART of layer {layer} {phase}")
-            except ClusterError as e:
-                self._fail(peer, e, layer, phase)
-            buf += decode(view, self.wire, self.scratch[:n])
-            self.stats.bytes_received += HEADER.size + view.nbytes
-        out = encode(buf, self.wire, self.sum_wire[:n] if self.wire != "f32" else None)
-        if self.wire != "f32":
-            decode(out, self.wire, buf)
-        for peer in self.peers:
-            try:
-                peer.conn.send(Kind.SUM, out)
-            except ClusterError as e:
-                self._fail(peer, e, layer, phase)
-        self.stats.bytes_sent += len(self.peers) * (HEADER.size + out.nbytes)
-        self.stats.sync_s += time.perf_counter() - t
-
-
-class WorkerSync:
-    """The worker's side of the star: send PART, receive SUM; send LOGITS."""
-
-    def __init__(self, conn: Connection, dim: int, batch: int, wire: str):
-        self.conn, self.dim, self.wire = conn, dim, wire
-        self.part = _wire_buffer(batch, dim, wire)
-        self.sum_wire = _wire_buffer(batch, dim, wire)
+    def __init__(self, conn: Connection):
+        self.conn = conn
         self.stats = SyncStats()
         self.start_pos = 0
 
@@ -202,17 +158,8 @@ class WorkerSync:
         return None
 
     def all_reduce(self, buf: np.ndarray, layer: int, phase: str) -> None:
-        t = time.perf_counter()
-        n = buf.shape[0]
-        out = encode(buf, self.wire, self.part[:n] if self.wire != "f32" else None)
-        self.conn.send(Kind.PART, out)
-        view = self.sum_wire[:n]
-        length = self.conn.expect(Kind.SUM, f"SUM of layer {layer} {phase}")
-        self.conn.recv_payload_into(view, length, f"SUM of layer {layer} {phase}")
-        decode(view, self.wire, buf)
-        self.stats.bytes_sent += HEADER.size + out.nbytes
-        self.stats.bytes_received += HEADER.size + view.nbytes
-        self.stats.sync_s += time.perf_counter() - t
+        raise ProtocolError(f"node {self.conn.peer}: FORWARD before MESH (layer {layer} "
+                            f"{phase}): this node is not linked to its peers yet")
 
     def gather_logits(self, local: np.ndarray) -> np.ndarray:
         t = time.perf_counter()
@@ -225,14 +172,14 @@ class WorkerSync:
         return None
 
 
-class WorkerMeshSync(WorkerSync):
+class WorkerMeshSync(WorkerSide):
     """A worker as node `index` of the mesh: links[0] is its root, the others the workers
     it connected to or accepted (cluster/worker.py). A failed link raises NodeFailure
     naming that node; the worker tells the root before it drops the session."""
 
     def __init__(self, links: Sequence[Optional[Peer]], index: int, dim: int, batch: int,
                  wire: str, spin_us: int = 0):
-        super().__init__(links[0].conn, dim, batch, wire)
+        super().__init__(links[0].conn)
         self.mesh = MeshExchange(links, index, dim, batch, wire, spin_us)
 
     def all_reduce(self, buf: np.ndarray, layer: int, phase: str) -> None:

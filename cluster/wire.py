@@ -1,14 +1,11 @@
 """What an all-reduce does to the numbers, in one place for every synchronizer.
 
-Mesh (the default): every node sends its partial output to every other node and adds
-all partials in node order 0 .. N-1, each as it crossed the wire -- its own too, decoded
-from the very bytes it sent -- so every node computes the same float operations on the
-same values and holds a bit-identical sum, with no second trip.
-Star (the older runtime): the root adds its own partial (exact) and each worker's as it
-crossed the wire, in node order; the sum crosses the wire back, and every node -- the
-root too -- continues from the sum as received.
+The mesh: every node sends its partial output to every other node and adds all partials
+in node order 0 .. N-1, each as it crossed the wire -- its own too, decoded from the very
+bytes it sent -- so every node computes the same float operations on the same values and
+holds a bit-identical sum, with no second trip.
 With "q8_0" on the wire a vector of dim floats travels as dim/32 blocks of 34 bytes
-(3.8x smaller than float32); "f32" is exact, and both topologies give the same bits.
+(3.8x smaller than float32); "f32" is exact.
 dim must be a multiple of 32 for q8_0.
 """
 from __future__ import annotations
@@ -20,7 +17,6 @@ import numpy as np
 from dllama_node.model import quants
 
 WIRE_FORMATS = ("q8_0", "f32")
-SYNC_MODES = ("mesh", "star")
 
 
 def check_wire(wire: str, dim: int) -> str:
@@ -32,14 +28,6 @@ def check_wire(wire: str, dim: int) -> str:
         raise UsageError(f"wire format q8_0 needs dim to be a multiple of 32; this model's dim "
                          f"is {dim}: use --wire f32")
     return wire
-
-
-def check_sync(sync: str) -> str:
-    from dllama_node.common.errors import UsageError
-
-    if sync not in SYNC_MODES:
-        raise UsageError(f"sync topology {sync!r}: expected one of {', '.join(SYNC_MODES)}")
-    return sync
 
 
 def row_bytes(dim: int, wire: str) -> int:
@@ -109,15 +97,9 @@ def sum_parts_q8_0_kernel():
     return getattr(_kernels, "sum_parts_q8_0", _numpy_sum_parts_q8_0)
 
 
-def reduce_parts(parts: Sequence[np.ndarray], wire: str, sync: str = "mesh") -> np.ndarray:
+def reduce_parts(parts: Sequence[np.ndarray], wire: str) -> np.ndarray:
     """The all-reduced value every node continues with, from the partial outputs of
     nodes 0 (the root) .. N-1 -- the arithmetic of the TCP runtime, for the fake."""
-    if sync == "mesh":
-        encoded = [encode(np.ascontiguousarray(p, dtype=np.float32), wire).copy()
-                   for p in parts]
-        out = np.empty(parts[0].shape, np.float32)
-        return sum_parts_into(out, encoded, wire, np.empty_like(out))
-    total = parts[0].astype(np.float32, copy=True)
-    for part in parts[1:]:
-        total += decode(encode(np.ascontiguousarray(part), wire), wire)
-    return decode(encode(total, wire), wire).astype(np.float32, copy=False)
+    encoded = [encode(np.ascontiguousarray(p, dtype=np.float32), wire).copy() for p in parts]
+    out = np.empty(parts[0].shape, np.float32)
+    return sum_parts_into(out, encoded, wire, np.empty_like(out))

@@ -31,7 +31,7 @@ from dllama_node.cluster.protocol import (FORWARD_HEADER, PROTOCOL_VERSION, Assi
                                           Rejection, StatsReport, StatsRequest, Welcome)
 from dllama_node.cluster.auth import (INITIATOR, RESPONDER, AuthenticationError, Handshake,
                                       read_key)
-from dllama_node.cluster.sync_tcp import NodeFailure, Peer, WorkerMeshSync, WorkerSync
+from dllama_node.cluster.sync_tcp import NodeFailure, Peer, WorkerMeshSync, WorkerSide
 from dllama_node.cluster.wire import check_wire
 from dllama_node.common.errors import ClusterError, DllamaError, ProtocolError
 from dllama_node.common.memory import current_rss_bytes
@@ -94,9 +94,8 @@ def load_assignment(a: Assign, conn: Connection, cache, progress=None) -> Loaded
         reading = phase("reading")
         weights = load_weights(model, spec, progress=reading) if source == "file" \
             else slice_weights(model, spec, progress=reading)
-        wire = check_wire(a.wire, model.config.dim)
-        sync = WorkerSync(conn, model.config.dim, a.batch, wire)
-        transformer = Transformer(weights, a.seq_len, a.threads, a.batch, sync)
+        check_wire(a.wire, model.config.dim)
+        transformer = Transformer(weights, a.seq_len, a.threads, a.batch)   # linked by assign
     except BaseException:
         model.close()
         raise
@@ -239,8 +238,7 @@ class Worker:
             self.on_progress("kept", 0, 0)
         t = self.loaded.transformer
         self.assignment = a
-        # the star until the root sends MESH; a new root gets a new synchronizer
-        t.sync = WorkerSync(conn, t.cfg.dim, t.batch, a.wire)
+        t.sync = self.unlinked_sync(conn, t)    # a new root gets a new synchronizer
         conn.send_message(Loaded(
             node_id=self.node_id, source=self.loaded.source,
             streamed_bytes=self.loaded.streamed_bytes, weights_bytes=t.w.nbytes(),
@@ -273,6 +271,11 @@ class Worker:
             raise
         t.sync.stats.step_s += time.perf_counter() - t0
         t.sync.stats.steps += 1
+
+    def unlinked_sync(self, conn: Connection, transformer) -> WorkerSide:
+        """The synchronizer from LOADED until MESH: none but the logits to the root. The
+        seam where bench/star_sync.py puts its star instead."""
+        return WorkerSide(conn)
 
     # ---- the mesh ------------------------------------------------------------------
     def mesh(self, conn: Connection, m: MeshRequest) -> None:
@@ -361,7 +364,8 @@ class Worker:
             links[j] = Peer(expected.pop(j).node_id, c)
 
 
-def main(argv=None) -> None:
+def main(argv=None, worker_class=Worker) -> None:
+    """The worker process; bench/star_sync.py runs it with its own worker_class."""
     ap = argparse.ArgumentParser(description="dllama worker node")
     ap.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0: any free port)")
     ap.add_argument("--node-id", default=f"{socket.gethostname()}-{os.getpid()}")
@@ -376,8 +380,8 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format=f"%(levelname)s worker {args.node_id}: %(message)s")
     host, _, port = args.listen.rpartition(":")
-    worker = Worker(host or "127.0.0.1", int(port), args.node_id, read_key(args.key_file),
-                    args.cluster, args.timeout, args.state_dir)
+    worker = worker_class(host or "127.0.0.1", int(port), args.node_id,
+                          read_key(args.key_file), args.cluster, args.timeout, args.state_dir)
     print(f"listening {worker.address}", flush=True)
     try:
         worker.serve_forever()

@@ -93,7 +93,7 @@ def test_every_node_gets_the_same_bits_as_the_fake(n_nodes, n, dim, batch, wire,
     finally:
         _close(links)
     for r, parts in enumerate(rounds):
-        expected = reduce_parts(parts, wire, "mesh")
+        expected = reduce_parts(parts, wire)
         for i in range(n_nodes):
             np.testing.assert_array_equal(results[i][r], expected, err_msg=f"node {i} round {r}")
     assert np.abs(expected - sum(rounds[-1])).max() < 0.05 * np.abs(expected).max()
@@ -209,5 +209,5 @@ def test_a_root_without_workers_sums_its_own_part_as_it_would_cross_the_wire():
     x = np.random.default_rng(3).normal(size=(2, 64)).astype(np.float32)
     buf = x.copy()
     root.all_reduce(buf, 0, "attention")
-    np.testing.assert_array_equal(buf, reduce_parts([x], "q8_0", "mesh"))
+    np.testing.assert_array_equal(buf, reduce_parts([x], "q8_0"))
     assert root.stats.bytes_sent == root.stats.bytes_received == 0
