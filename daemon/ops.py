@@ -104,6 +104,10 @@ class ControlOps:
         lp = s.load_plan
         if lp is None:
             return None
+        # read before the rows: the root is set ready only after its own slice is locked,
+        # so rows read after a True here show it finished (read after the workers' answers,
+        # a True could come with a row of the root's read while it was still locking)
+        ready = s.root is not None and s.root.ready
         if s.load_rows is not None:
             rows = s.load_rows
         else:
@@ -129,10 +133,9 @@ class ControlOps:
                 reports[node_id] = load
             merged = merge_loading(lp["load_id"], lp["planned"], root_view, reports)
             rows = {n: merged[n] for n in lp["nodes"]}
-            if loading_done(rows) and s.root is not None and s.root.ready:
+            if loading_done(rows) and ready:
                 s.load_rows = rows            # finished: nothing more to ask
-        return {"load_id": lp["load_id"], "plan_table": lp["plan_table"],
-                "done": s.root is not None and s.root.ready,
+        return {"load_id": lp["load_id"], "plan_table": lp["plan_table"], "done": ready,
                 "nodes": [r.to_dict() for r in rows.values()]}
 
     async def report(self, request: dict, emit) -> dict:

@@ -214,3 +214,43 @@ def test_wait_until_serving_polls_retries_and_gives_up_with_the_reason():
                                            r"root n1 is loading"):
         wait_until_serving(lambda: stuck, 2, None, clock,
                            lambda s: setattr(clock, "t", clock.t + s))
+
+
+# ---- the root's loading view while its own slice finishes locking ------------------------
+
+class _LockingFinishesDuringTheRead(LoadProgress):
+    """The root's own record, read while its slice is still locking; right after that
+    read the load thread finishes locking and the service becomes ready, as it can
+    between the read and the workers' answers."""
+
+    def __init__(self, service):
+        super().__init__()
+        self.service = service
+
+    def get(self, node_id):
+        load = super().get(node_id)
+        if node_id == "n1" and load is not None and load.phase == "locking":
+            self.finish("n1", "loaded", locked_bytes=4096)
+            self.service.root = type("Root", (), {"ready": True})()
+        return load
+
+
+def test_the_loading_view_is_never_done_beside_an_unfinished_row():
+    import asyncio
+    from types import SimpleNamespace
+
+    from dllama_node.daemon.ops import ControlOps
+
+    service = SimpleNamespace(config=SimpleNamespace(node_id="n1"), root=None, load_rows=None,
+                              discovery=None, load_plan={"load_id": "L1", "nodes": ["n1"],
+                                                         "planned": {"n1": 8192},
+                                                         "plan_table": ""})
+    service.loading = _LockingFinishesDuringTheRead(service)
+    service.loading.begin("n1", "L1", 8192)
+    service.loading.update("n1", "locking", 8192)
+    view = asyncio.run(ControlOps(service).loading_view())
+    phases = [row["phase"] for row in view["nodes"]]
+    assert not view["done"] or phases == ["loaded"], view
+    # asked again, the root is ready and its row finished
+    view = asyncio.run(ControlOps(service).loading_view())
+    assert view["done"] and [row["phase"] for row in view["nodes"]] == ["loaded"], view
