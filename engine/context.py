@@ -89,7 +89,8 @@ def choose_max_seq_len(model_seq_len: int, kv_bytes_per_position: int, fixed_byt
         raise MemoryPlanError(f"this node's memory holds a context of {fits} tokens, less than "
                               f"the shortest default {seq_len} ({mem_note}): use --max-seq-len "
                               f"{fits} or less, or more nodes")
-    longest = min(model_seq_len, fits)
+    # how far --max-seq-len could go, in the plan's lengths (what a plan can say, too)
+    longest = longest_fitting(default_lengths(model_seq_len), lambda s: s <= fits)[0]
     reason = seq_len_reason(seq_len, model_seq_len,
                             limit_of(seq_len, model_seq_len, longest, cap),
                             why_memory=f"what memory allows ({mem_note})", longest=longest,

@@ -16,7 +16,8 @@ from dllama_node.common.units import GiB, MiB
 from .accounting import ROLE_COORDINATOR, ROLE_WORKER, MemoryNeed, SliceCounts
 from .data import Draft, NodeCapacity, NodeSlice, PlanError, Shortfall
 from .layout import F16, F32, Q4_0, Q8_0
-from .seq_len import LIMIT_MEMORY, LIMIT_MODEL, seq_len_reason as reason_text, shorter_lengths
+from .seq_len import (LIMIT_CAP, LIMIT_MEMORY, LIMIT_MODEL, default_lengths,
+                      seq_len_reason as reason_text, shorter_lengths)
 
 if TYPE_CHECKING:   # the planner imports this module
     from .shard_plan import Planner
@@ -89,11 +90,19 @@ def seq_len_reason(planner: "Planner", draft: Draft, seq_len: int, balanced: boo
     """Why the default max_seq_len is `seq_len`: the node the model card's length overflows."""
     model_seq = planner.layout.config.seq_len
     swapping = [n.node_id for n in draft.nodes if n.memory.swap_used]
-    notes = (["slices in proportion to speed"] if balanced and seq_len < model_seq else []) + (
+    slice_nodes = [n for n in draft.nodes if n.role != ROLE_COORDINATOR]
+    notes = (["slices in proportion to speed"] if balanced and seq_len < model_seq
+             and len(slice_nodes) > 1 else []) + (
         [f"with swap on {', '.join(swapping)}"] if swapping else [])
     if seq_len == model_seq:
         return reason_text(seq_len, model_seq, LIMIT_MODEL, notes=notes)
-    slice_nodes = [n for n in draft.nodes if n.role != ROLE_COORDINATOR]
+    cap = planner.options.seq_len_cap
+    if cap is not None and seq_len == cap:
+        # the cap, not memory, may be what holds it: how far --max-seq-len could go
+        longest, _ = planner.search(default_lengths(model_seq), planner.fit)
+        if longest > seq_len:
+            return reason_text(seq_len, model_seq, LIMIT_CAP, notes=notes, longest=longest,
+                               memory_limits_longest=longest < model_seq)
     worst: Optional[Tuple[int, NodeSlice, MemoryNeed]] = None
     for node in slice_nodes:
         counts = SliceCounts.of(node.spec)

@@ -14,6 +14,7 @@ from dllama_node.model.tensors import SliceSpec
 
 from .accounting import ROLE_COORDINATOR, NodeMemory
 from .layout import ModelLayout
+from .seq_len import DEFAULT_MAX_SEQ_LEN_CAP
 
 DEFAULT_RESERVE_BYTES = 64 * MiB
 
@@ -46,6 +47,7 @@ class NodeCapacity:
 @dataclass(frozen=True)
 class PlanOptions:
     max_seq_len: Optional[int] = None   # None: the largest that fits every node, <= the model's
+    seq_len_cap: Optional[int] = DEFAULT_MAX_SEQ_LEN_CAP   # ... and <= this (None: no cap)
     allow_swap: bool = False
     reserve_bytes: int = DEFAULT_RESERVE_BYTES   # per node
     kv_bytes_per_value: int = 4         # f32 KV cache
@@ -53,7 +55,8 @@ class PlanOptions:
     batch_size: int = 1                 # tokens per forward call: activation buffers scale with it
 
     def to_dict(self) -> dict:
-        return {"max_seq_len": self.max_seq_len, "allow_swap": self.allow_swap,
+        return {"max_seq_len": self.max_seq_len, "seq_len_cap": self.seq_len_cap,
+                "allow_swap": self.allow_swap,
                 "reserve_bytes": self.reserve_bytes, "kv_bytes_per_value": self.kv_bytes_per_value,
                 "split": list(self.split) if self.split is not None else None,
                 "batch_size": self.batch_size}

@@ -27,8 +27,9 @@ Decisions a reader may look for:
   total spills into swap does not lock its memory, and the plan carries a warning. The default
   max_seq_len is first sought in RAM alone; only when nothing fits RAM at any length does swap
   count.
-- Default max_seq_len: the model card's, if it fits; else the largest multiple of 256 (at least
-  128) for which every node's total fits; the plan states why (seq_len_reason). Balance comes
+- Default max_seq_len: the model card's, at most options.seq_len_cap (4096, as for a single node),
+  if it fits; else the largest multiple of 256 (at least 128) for which every node's total fits;
+  the plan states why (seq_len_reason). Balance comes
   first: the longest context at which every slice is still in proportion to speed, when that is
   at least 2048 tokens (or the model card's, if shorter); otherwise the longest at which
   water-filling fits. (Else the KV cache would crowd the weights onto the nodes with room left,
@@ -155,10 +156,10 @@ class Planner:
         """The default max_seq_len, its plan (or the shortfall at the smallest length), and
         whether the plan keeps every slice in proportion to speed (see the module docstring)."""
         model_seq = self.layout.config.seq_len
-        lengths = default_lengths(model_seq)
+        lengths = default_lengths(model_seq, self.options.seq_len_cap)
         modes = (False, True) if self.options.allow_swap else (False,)
         failure: Optional[Shortfall] = None
-        enough = min(BALANCED_ENOUGH_SEQ, model_seq)
+        enough = min(BALANCED_ENOUGH_SEQ, lengths[-1])
         # RAM alone first, swap only when nothing fits RAM; every node in the plan first, leaving
         # out the ones too small for a slice only when nothing fits with them.
         for use_swap in modes:

@@ -325,10 +325,10 @@ def test_inputs_that_make_no_sense_are_usage_errors():
 def test_default_max_seq_len_fits_the_cluster_not_the_model_card():
     layout = ModelLayout.uniform(LLAMA32_1B)
     caps = [node("b1", 1 * GiB), node("b2", 1 * GiB)]
-    plan = plan_shards(layout, caps)
+    plan = plan_shards(layout, caps, PlanOptions(seq_len_cap=None))
     assert_well_formed(plan)
     seq = plan.max_seq_len
-    assert seq % 256 == 0 and 128 <= seq < 131072
+    assert seq % 256 == 0 and 4096 < seq < 131072
     # one step longer does not fit, with the same slices or any others
     with pytest.raises(PlanError):
         plan_shards(layout, caps, PlanOptions(max_seq_len=seq + 256))
@@ -337,6 +337,22 @@ def test_default_max_seq_len_fits_the_cluster_not_the_model_card():
                         r"\(slices in proportion to speed\)", plan.seq_len_reason)
     kv_per_token = 2 * 16 * 4 * 64 * 4               # 4 of 8 KV heads each
     assert plan.nodes[0].memory.kv_cache == seq * kv_per_token
+
+
+def test_default_max_seq_len_is_capped_as_on_a_single_node():
+    """Memory for 19968 tokens: the default stays at the cap (4096), and the reason says
+    how far --max-seq-len goes."""
+    layout = ModelLayout.uniform(LLAMA32_1B)
+    caps = [node("b1", 1 * GiB), node("b2", 1 * GiB)]
+    longest = plan_shards(layout, caps, PlanOptions(seq_len_cap=None)).max_seq_len
+    plan = plan_shards(layout, caps)
+    assert plan.max_seq_len == 4096 < longest
+    assert plan.seq_len_reason == (
+        f"max_seq_len 4096: the default cap 4096 (the model's context is 131072); --max-seq-len "
+        f"raises it up to {longest}, what memory allows (slices in proportion to speed)")
+    assert plan_shards(layout, caps, PlanOptions(max_seq_len=longest)).max_seq_len == longest
+    # a model card below the cap: its own context, as before
+    assert plan_shards(tiny(), caps).seq_len_reason == "max_seq_len 2048: the model's context"
 
 
 def test_default_max_seq_len_keeps_slices_balanced_when_that_leaves_2048_tokens():

@@ -21,6 +21,7 @@ from dllama_node.model.config import ModelConfig
 from dllama_node.plan import (ModelLayout, NodeCapacity, PlanError, PlanOptions, SliceCounts, format_plan,
                               memory_need, plan_shards)
 from dllama_node.plan.layout import F16, F32, Q4_0, Q8_0
+from dllama_node.plan.seq_len import DEFAULT_MAX_SEQ_LEN_CAP
 
 from .test_plan import assert_well_formed
 
@@ -186,7 +187,7 @@ def test_with_ample_memory_slices_are_monotone_in_speed(data):
     caps = [cap.__class__(cap.node_id, cap.available_ram_bytes, 0, -1, 1, cap.speed) for cap in caps]
     plan = plan_shards(layout, caps)
     assert_well_formed(plan)
-    assert plan.max_seq_len == layout.config.seq_len
+    assert plan.max_seq_len == min(layout.config.seq_len, DEFAULT_MAX_SEQ_LEN_CAP)
     assert all("rounds to no unit" in e.reason for e in plan.excluded)
     unit = layout.heads_per_unit
     blocks = {s.node_id: (s.spec.n_q_heads // unit, -(-s.spec.n_ffn_rows // 32),

@@ -12,7 +12,8 @@ from dllama_node.plan.accounting import ROLE_ROOT, SliceCounts, memory_need
 from dllama_node.plan.seq_len import (LIMIT_ASKED, LIMIT_CAP, LIMIT_MEMORY, LIMIT_MODEL,
                                       default_lengths, limit_of, longest_fitting,
                                       seq_len_reason, shorter_lengths)
-from tests.test_plan import node, tiny
+from dllama_node.plan import ModelLayout
+from tests.test_plan import LLAMA32_1B, node, tiny
 
 
 def test_the_lengths_a_default_and_a_suggestion_take():
@@ -64,13 +65,13 @@ LAYOUT = tiny()                                   # a 2048-token context: the ca
 RESERVE = 64 * MiB
 
 
-def one_node_costs():
+def one_node_costs(layout=LAYOUT):
     """What the plan counts for one node holding everything: (fixed bytes, bytes per position)."""
-    c = LAYOUT.config
+    c = layout.config
     everything = SliceCounts(c.n_heads, c.n_kv_heads, c.hidden_dim, c.vocab_size)
 
     def total(seq):
-        return memory_need(LAYOUT, everything, seq_len=seq, role=ROLE_ROOT, n_slice_nodes=1,
+        return memory_need(layout, everything, seq_len=seq, role=ROLE_ROOT, n_slice_nodes=1,
                            reserve_bytes=0).total
     return total(0), total(1) - total(0)
 
@@ -93,6 +94,20 @@ def test_one_node_plan_and_the_single_node_choose_the_same_length(ram):
         assert plan.seq_len_reason.startswith(f"max_seq_len {single.seq_len} (model card 2048): ")
         assert single.reason.startswith(f"max_seq_len {single.seq_len} (model card 2048): "
                                         "what memory allows (")
+
+
+@pytest.mark.parametrize("ram", [8 * GiB, 24 * GiB])
+def test_one_node_plan_and_the_single_node_stop_at_the_same_cap(ram):
+    """A model card of 131072 tokens and memory for more than 4096: both stop at the cap
+    and say the same, up to how far --max-seq-len goes."""
+    layout = ModelLayout.uniform(LLAMA32_1B)
+    fixed, per_pos = one_node_costs(layout)
+    plan = plan_shards(layout, [node("solo", ram)], PlanOptions(reserve_bytes=RESERVE))
+    single = choose_max_seq_len(131072, per_pos, fixed, ram, reserve_bytes=RESERVE)
+    assert plan.max_seq_len == single.seq_len == 4096
+    assert plan.seq_len_reason == single.reason
+    assert single.reason.startswith("max_seq_len 4096: the default cap 4096 (the model's "
+                                    "context is 131072); --max-seq-len raises it up to ")
 
 
 def test_one_node_asked_length_has_the_same_reason():
