@@ -23,6 +23,7 @@ from typing import Awaitable, Callable, List, Optional
 from dllama_node.api.backend import Backend
 from dllama_node.api.openai import ApiError, CompletionRequest, bad
 from dllama_node.common.errors import ContextFullError
+from dllama_node.common.tasks import cancel_and_wait
 from dllama_node.engine.generate_text import Outcome, generate_text, outcome_of
 from dllama_node.engine.sampler import SamplerSettings
 from dllama_node.tokenizer.conversation_fit import AnswerBudget, answer_reserve, fit_chat
@@ -135,10 +136,10 @@ class EngineQueue:
         try:
             await asyncio.wait({acquire, left}, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
-            left.cancel()
             self._abandon(acquire)
+            await cancel_and_wait([left])
             raise
-        left.cancel()
+        await cancel_and_wait([left])
         if not acquire.done():
             self._abandon(acquire)
             raise ClientGone()
@@ -187,7 +188,7 @@ class EngineQueue:
                 else:
                     raise value
         finally:
-            watch.cancel()
+            await cancel_and_wait([watch])
             if not future.done():
                 cancel.set()             # the handler itself was cancelled
 

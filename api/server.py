@@ -39,6 +39,7 @@ from dllama_node.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dllama_node.api.metrics import ApiCounters, render
 from dllama_node.api.openai import ApiError, error_body
 from dllama_node.common.errors import DllamaError, UsageError
+from dllama_node.common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 # One INFO line per request, as uvicorn writes them:
@@ -127,10 +128,8 @@ class ApiServer:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-        for task in list(self._connections):
-            task.cancel()                # a running generation is cancelled with its client
-        if self._connections:
-            await asyncio.gather(*self._connections, return_exceptions=True)
+        # a running generation is cancelled with its client
+        await cancel_and_wait(list(self._connections))
         if not await self.queue.idle():
             log.warning("a generation was still running when the HTTP API stopped")
         self.queue.close()
@@ -266,7 +265,7 @@ class ApiServer:
             await send_response(writer, 200, _json(answer), keep_alive=request.keep_alive)
             return 200, request.keep_alive
         finally:
-            poll.cancel()
+            await cancel_and_wait([poll])
 
     def _job(self, req: openai.CompletionRequest) -> Job:
         """Tokenize and size the request (in a thread: long prompts take a while)."""

@@ -22,6 +22,7 @@ from dllama_node.cluster.root import ClusterRoot, PlanRejected, WorkerAddress
 from dllama_node.cluster.run_options import RunOptions
 from dllama_node.cluster.worker import Worker
 from dllama_node.common.errors import ClusterError, DllamaError, UsageError
+from dllama_node.common.tasks import cancel_and_wait
 from dllama_node.daemon import journal, systemd
 from dllama_node.daemon.capacity import measure_capacity
 from dllama_node.daemon.config import ConfigSource, DaemonConfig
@@ -242,9 +243,7 @@ class NodeService:
 
     async def _cancel_tasks(self) -> None:
         """Cancel every task of this service and wait until each has ended."""
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await cancel_and_wait(list(self.tasks))
         self.tasks.clear()
 
     async def _start_api(self):

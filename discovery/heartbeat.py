@@ -27,6 +27,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from dllama_node.common.errors import ClusterError, ProtocolError
+from dllama_node.common.tasks import cancel_and_wait
 
 from .peers import LIVE, PeerTable
 from .static import Endpoint, StaticPeers
@@ -160,13 +161,8 @@ class Heartbeat:
 
     async def stop(self) -> None:
         """Say GOODBYE to live peers, stop the loop, close the socket."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait([self._task])
+        self._task = None
         if self._transport is not None:
             for ep in self._live_endpoints():
                 self._send(GOODBYE, ep)

@@ -22,6 +22,7 @@ from zeroconf import IPVersion, NonUniqueNameException, ServiceInfo, ServiceStat
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from dllama_node.common.errors import ClusterError, ProtocolError
+from dllama_node.common.tasks import cancel_and_wait
 
 from .txt import NodeAdvert, decode_txt, encode_txt, txt_models_complete
 
@@ -155,10 +156,7 @@ class MdnsDiscovery:
 
     async def stop(self) -> None:
         """Cancel the browser and resolvers, unregister (goodbye packets), close."""
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(list(self._tasks))
         self._tasks.clear()
         if self._browser is not None:
             await self._browser.async_cancel()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Set
 
 from dllama_node.common.errors import UsageError
+from dllama_node.common.tasks import cancel_and_wait
 
 from .heartbeat import DEFAULT_INTERVAL_S, Heartbeat
 from .peers import DEFAULT_FORGET_AFTER_S, DEFAULT_TIMEOUT_S, LIVE, PeerTable
@@ -100,10 +101,7 @@ class Discovery:
     async def stop(self) -> None:
         """Goodbyes on both channels, then every task cancelled and awaited."""
         log.debug("discovery of %s stopping", self._advert.node_id)
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(list(self._tasks))
         self._tasks.clear()
         self._mdns_updater = None
         await self.heartbeat.stop()
