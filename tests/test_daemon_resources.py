@@ -12,7 +12,8 @@ import os
 import resource
 import shutil
 import subprocess
-import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,8 @@ import pytest
 from dllama_node.daemon.resources import (CAP_IPC_LOCK, CAP_SYS_NICE, PAGE_BYTES, _memlock_refusal,
                                           has_capability, lock_memory, memlock_limit_bytes,
                                           page_ranges, raise_priority, region_span, unlock_memory)
+
+from tests.as_user import AS_NOBODY, python_for_nobody
 
 HELPER = os.path.join(os.path.dirname(__file__), "daemon_helper.py")
 P = PAGE_BYTES
@@ -99,9 +102,8 @@ BIG_BYTES = 64 << 20
 NICE = -5
 PERSONAS = {
     "root": [],
-    "user": ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"],
-    "user+caps": ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                  "--inh-caps=+ipc_lock,+sys_nice", "--ambient-caps=+ipc_lock,+sys_nice"],
+    "user": AS_NOBODY,
+    "user+caps": AS_NOBODY + ["--inh-caps=+ipc_lock,+sys_nice", "--ambient-caps=+ipc_lock,+sys_nice"],
 }
 
 
@@ -113,10 +115,6 @@ def _persona_skip_reason() -> str:
     soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     if soft == resource.RLIM_INFINITY or soft >= BIG_BYTES:
         return f"RLIMIT_MEMLOCK ({soft}) is not below the {BIG_BYTES} bytes a refusal needs"
-    probe = subprocess.run(PERSONAS["user"] + [sys.executable, "-c", "import dllama_node.daemon.resources"],
-                           capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"user nobody cannot import the package here: {probe.stderr.strip()[-200:]}"
     return ""
 
 
@@ -125,12 +123,21 @@ def personas():
     reason = _persona_skip_reason()
     if reason:
         pytest.skip(reason)
-    out = {}
-    for name, prefix in PERSONAS.items():
-        proc = subprocess.run(prefix + [sys.executable, HELPER, "persona", str(BIG_BYTES), str(NICE)],
-                              capture_output=True, text=True, timeout=60, cwd="/")
-        assert proc.returncode == 0, proc.stderr
-        out[name] = dict(json.loads(proc.stdout), stderr=proc.stderr)
+    # in /tmp itself: pytest's own temporary folders are root's, mode 0700
+    workdir = Path(tempfile.mkdtemp(prefix="dllama-as-nobody-"))
+    try:        # a checkout nobody cannot read (under a 0700 home) gets a readable copy
+        python, env = python_for_nobody(HELPER, workdir, "import dllama_node.daemon.resources")
+        out = {}
+        for name, prefix in PERSONAS.items():
+            proc = subprocess.run(prefix + python + ["persona", str(BIG_BYTES), str(NICE)],
+                                  capture_output=True, text=True, timeout=60, cwd="/",
+                                  env={**os.environ, **env})
+            assert proc.returncode == 0, proc.stderr
+            out[name] = dict(json.loads(proc.stdout), stderr=proc.stderr)
+    except LookupError as e:
+        pytest.skip(str(e))
+    finally:
+        shutil.rmtree(workdir)
     return out
 
 
