@@ -54,6 +54,9 @@ HEADER = struct.Struct("<4sHHQ")
 FORWARD_HEADER = struct.Struct("<QIB3x")
 CHUNK_HEADER = struct.Struct("<HQ")
 MAX_CONTROL_BYTES = 16 << 20          # a JSON message larger than this is not ours
+# HELLO, WELCOME and AUTH are read before the peer has proven anything: a few hundred bytes
+# of ours, so an announced length above this is refused before a buffer is made for it
+PRE_AUTH_MAX_BYTES = 64 << 10
 DEFAULT_TIMEOUT_S = 10.0
 
 
@@ -94,6 +97,7 @@ class Message:
     """A control message: KIND names its frame, the dataclass fields its JSON payload."""
 
     KIND: ClassVar[Kind]
+    MAX_BYTES: ClassVar[int] = MAX_CONTROL_BYTES     # the largest payload read as this message
 
     def to_payload(self) -> dict:
         return to_payload(self)
@@ -110,6 +114,7 @@ class Hello(Message):
     """The initiator's offer (cluster/auth.py); a mesh peer adds its session and index."""
 
     KIND = Kind.HELLO
+    MAX_BYTES = PRE_AUTH_MAX_BYTES
     version: int = checked(min=1)
     node_id: str = checked()
     cluster: str = checked()
@@ -126,6 +131,7 @@ class Welcome(Message):
     """The responder's answer: who it is, its nonce and its proof of the key."""
 
     KIND = Kind.WELCOME
+    MAX_BYTES = PRE_AUTH_MAX_BYTES
     version: int = checked(min=1)
     pid: int = checked(min=0)
     node_id: str = checked()
@@ -143,6 +149,7 @@ class Auth(Message):
     """The initiator's proof of the cluster key."""
 
     KIND = Kind.AUTH
+    MAX_BYTES = PRE_AUTH_MAX_BYTES
     proof: str = checked()
 
 
@@ -427,18 +434,27 @@ class Connection:
             raise ProtocolError(f"node {self.peer}: expected {kind.name} ({what}), got {got.name}")
         return length
 
-    def _json(self, length: int, what: str) -> dict:
-        if length > MAX_CONTROL_BYTES:
-            raise ProtocolError(f"node {self.peer}: a {length}-byte control message is not "
-                                f"ours (limit {MAX_CONTROL_BYTES})")
+    def _json(self, length: int, what: str, limit: int = MAX_CONTROL_BYTES) -> dict:
+        """A JSON payload of `length` bytes, at most `limit`. Whatever a peer sends ends as
+        a ProtocolError: not UTF-8, not JSON, an integer past Python's digit limit
+        (ValueError), nesting deeper than the parser's recursion (RecursionError)."""
+        if length > limit:
+            raise ProtocolError(f"node {self.peer}: a {length}-byte {what} message is not "
+                                f"ours (limit {limit})")
+        data = self.recv_bytes(length, what)
         try:
-            return json.loads(self.recv_bytes(length, what))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ProtocolError(f"node {self.peer}: {what} is not valid JSON ({e})") from None
+            return json.loads(data)
+        except RecursionError:
+            raise ProtocolError(f"node {self.peer}: {what} is not valid JSON (nested too deep)"
+                                ) from None
+        except ValueError as e:      # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise ProtocolError(f"node {self.peer}: {what} is not valid JSON "
+                                f"({str(e)[:120]})") from None
 
     def read_message(self, cls: Type[M], length: int, what: Optional[str] = None) -> M:
         """The payload of a header already received, read as message `cls` and checked."""
-        return cls.from_payload(self._json(length, what or cls.KIND.name), self.peer)
+        return cls.from_payload(self._json(length, what or cls.KIND.name, cls.MAX_BYTES),
+                                self.peer)
 
     def recv_message(self, cls: Type[M], what: Optional[str] = None,
                      timeout_s: Optional[float] = -1.0) -> M:
