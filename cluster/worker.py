@@ -146,6 +146,10 @@ class Worker:
                     conn.send_message(ErrorReport(f"node {self.node_id}: {e}"))
                 except ClusterError:
                     pass
+            except Exception:            # noqa: BLE001 - one connection's bug ends that connection
+                # whatever one peer's connection raised, the next root still finds this node
+                # listening (in a daemon this loop is the data plane's thread)
+                log.exception("session with peer %s ended by an unexpected error", conn.peer)
             finally:
                 conn.close()
 

@@ -104,3 +104,28 @@ def test_the_refusals_are_logged_with_their_reason(worker):
     log = proc.communicate(timeout=10)[1]
     assert log.count("refused peer 127.0.0.1:") >= 3, log
     assert "nested too deep" in log and "not valid JSON" in log, log
+
+
+def test_an_unexpected_error_in_one_session_ends_only_that_session(tmp_path, caplog):
+    """In process: the first session raises what no handler expects; the loop logs it
+    and the next connection is served."""
+    import threading
+
+    from dllama_node.cluster.worker import Worker
+
+    key = generate_key()
+    w = Worker("127.0.0.1", 0, "w1", key, state_dir=str(tmp_path), timeout_s=5)
+    real_session, calls = w.session, []
+
+    def session(conn):
+        calls.append(conn.peer)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return real_session(conn)
+    w.session = session
+    threading.Thread(target=w.serve_forever, daemon=True).start()
+    host, port = w.address.rsplit(":", 1)
+    send_and_close((host, int(port)), b"x")
+    assert welcome_for_a_good_hello((host, int(port)), key)["node_id"] == "w1"
+    assert len(calls) == 2
+    assert any("ended by an unexpected error" in r.getMessage() for r in caplog.records)
