@@ -50,6 +50,8 @@ import enum
 from dataclasses import dataclass, replace
 from typing import Iterable, List, Optional, Sequence, Tuple
 
+from dllama_node.discovery.txt import TERM_MAX
+
 DEFAULT_ROOT_TIMEOUT_S = 3.0
 
 
@@ -157,8 +159,8 @@ def _check(peers: Sequence[PeerView], self_id: str, root_timeout_s: float) -> Pe
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         raise ValueError(f"peer list names node(s) {', '.join(dupes)} more than once")
     for p in peers:
-        if p.term < 0:
-            raise ValueError(f"node {p.node_id} advertises term {p.term}, expected >= 0")
+        if not 0 <= p.term <= TERM_MAX:
+            raise ValueError(f"node {p.node_id} advertises term {p.term}, expected 0 to {TERM_MAX}")
     me = [p for p in peers if p.node_id == self_id]
     if not me:
         raise ValueError(f"peer list does not include this node ({self_id}); "
@@ -255,7 +257,7 @@ def _elect(term: int, max_term: int, me: PeerView, others: Sequence[PeerView], n
         reason = _no_root_reason(candidates, exclude)
         # The term does not move: nothing was elected, and a no-root tick must not inflate it.
         return Decision(Action.NO_ROOT, ElectionState(term, None, None), f"{why}; {reason}")
-    new_term = max_term if max_term > term else term + 1
+    new_term = max_term if max_term > term else min(term + 1, TERM_MAX)
     if winner.node_id == me.node_id:
         return Decision(Action.BECOME_ROOT,
                         ElectionState(new_term, me.node_id, now_s, root_confirmed=True),

@@ -73,8 +73,10 @@ def decode_datagram(data: bytes) -> Tuple[bytes, NodeAdvert, List[Endpoint]]:
         raise ProtocolError(f"heartbeat kind {kind!r}: expected one of {KINDS}")
     try:
         body = json.loads(data[6:].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ProtocolError(f"heartbeat body is not UTF-8 JSON: {e}") from None
+    except RecursionError:
+        raise ProtocolError("heartbeat body is not UTF-8 JSON: nested too deep") from None
+    except ValueError as e:          # UnicodeDecodeError, JSONDecodeError, too many digits
+        raise ProtocolError(f"heartbeat body is not UTF-8 JSON: {str(e)[:120]}") from None
     if not isinstance(body, dict):
         raise ProtocolError(f"heartbeat body: expected a JSON object, found "
                             f"{type(body).__name__}")

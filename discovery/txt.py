@@ -29,6 +29,10 @@ CLUSTER_MAX_CHARS = 63
 MODEL_NAME_MAX_BYTES = 200
 ROOT_ID_MAX_CHARS = NODE_ID_MAX_CHARS
 INT64_MAX = 2 ** 63 - 1
+# The highest election term an advert may carry: far past any real count (a term a second
+# for 10^11 years). A peer claiming more is refused; the election never counts past it
+# (daemon/election.py), so no term it computes can fail this check and end the daemon.
+TERM_MAX = 2 ** 62
 LAST_EXIT_MAX_BYTES = 240       # one TXT string: "lx=" + this fits in 255 bytes
 
 _NODE_ID_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\Z")
@@ -172,10 +176,12 @@ def _validate(a: NodeAdvert) -> None:
     if _utf8_len(a.last_exit) > LAST_EXIT_MAX_BYTES or "\x00" in a.last_exit:
         raise bad("last_exit", a.last_exit[:40], f"at most {LAST_EXIT_MAX_BYTES} bytes of text")
     for name, low in (("protocol_version", 0), ("available_ram_bytes", 0), ("free_swap_bytes", 0),
-                      ("memlock_limit_bytes", -1), ("cores", 1), ("term", 0), ("revision", 0)):
+                      ("memlock_limit_bytes", -1), ("cores", 1), ("revision", 0)):
         value = getattr(a, name)
         if not low <= value <= INT64_MAX:
             raise bad(name, value, f"an integer in [{low}, 2**63-1]")
+    if not 0 <= a.term <= TERM_MAX:
+        raise bad("term", a.term, "an integer in [0, 2**62]")
     if not (math.isfinite(a.speed) and a.speed >= 0.0):
         raise bad("speed", a.speed, "a finite number >= 0")
     for m in a.models:

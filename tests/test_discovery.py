@@ -79,7 +79,8 @@ def test_txt_limits_every_string_and_the_budget():
     ("node_id", ""), ("cluster", "c" * 64), ("cluster", "a=b"), ("port", 0), ("port", 65536),
     ("heartbeat_port", 0), ("available_ram_bytes", -1), ("memlock_limit_bytes", -2),
     ("cores", 0), ("speed", float("nan")), ("speed", float("inf")), ("speed", -1.0),
-    ("term", 1 << 63), ("models", ("m" * 201,)), ("models", ("",)), ("models", ("\ud800",)),
+    ("term", 1 << 63), ("term", (1 << 62) + 1),
+    ("models", ("m" * 201,)), ("models", ("",)), ("models", ("\ud800",)),
     ("root_id", "Bad"),
     ("instance", "XYZ"), ("address", "a b"),
 ])
@@ -154,7 +155,7 @@ adverts = st.builds(
     models=st.lists(st.text(st.characters(blacklist_characters="\x00",
                                           blacklist_categories=("Cs",)), min_size=1,
                             max_size=60), max_size=30),
-    coordinator_only=st.booleans(), never_root=st.booleans(), term=st.integers(0, 2 ** 63 - 1),
+    coordinator_only=st.booleans(), never_root=st.booleans(), term=st.integers(0, 2 ** 62),
     root_id=st.one_of(st.just(""), node_ids), instance=st.from_regex(r"[0-9a-f]{0,32}",
                                                                      fullmatch=True),
     revision=st.integers(0, 2 ** 40))
@@ -219,6 +220,11 @@ def test_datagram_round_trip_and_layout():
     (MAGIC + b"\x01B" + json.dumps({"advert": FULL.to_dict(), "peers": [["h", 0]]}).encode(),
      "peers"),
     (MAGIC + b"\x01B" + json.dumps({"advert": FULL.to_dict(), "peers": 5}).encode(), "peers"),
+    (MAGIC + b"\x01B" + b"[" * 60000, "nested too deep"),
+    (MAGIC + b"\x01B" + b'{"advert": ' + b"9" * 5000 + b"}", "JSON"),
+    # a term past TERM_MAX (2**63-1 once made the next election overflow and both daemons exit)
+    (MAGIC + b"\x01B" + json.dumps({"advert": dict(FULL.to_dict(), term=2 ** 63 - 1)}).encode(),
+     r"term.*2\*\*62"),
 ])
 def test_datagram_garbage_raises_protocol_error(data, match):
     with pytest.raises(ProtocolError, match=match):

@@ -269,6 +269,22 @@ def test_election_joins_a_higher_term_already_started():
     assert (d.action, d.term, d.root_id) == (Action.BECOME_ROOT, 6, "me")
 
 
+def test_terms_never_count_past_term_max():
+    """A peer at the highest term an advert may carry: elections stay at TERM_MAX, so the
+    advert this node publishes next still validates (it once overflowed past 2**63-1)."""
+    from dllama_node.discovery.txt import TERM_MAX, NodeAdvert
+
+    me = PeerView("me", GiB, has_model=True)
+    far = PeerView("far", GiB, term=TERM_MAX, root_id="")
+    d = decide(ElectionState(0, None, None), [me, far], 3.5, "me")
+    assert d.term == TERM_MAX
+    d = decide(ElectionState(TERM_MAX, "far", 0.0), [me, far], 3.5, "me")   # far never announced
+    assert d.term == TERM_MAX and d.root_id == "me"
+    NodeAdvert(node_id="me", cluster="c", port=7321, heartbeat_port=7321, term=d.term)
+    with pytest.raises(ValueError, match="expected 0 to"):
+        decide(ElectionState(0, None, None), [me, replace(far, term=TERM_MAX + 1)], 3.5, "me")
+
+
 def test_follower_of_a_root_that_moved_on_elects_at_once():
     # r stepped down at term 5 expecting x; x still follows r at term 4.
     x = PeerView("x", 8 * GiB)
